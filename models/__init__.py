@@ -1,0 +1,1 @@
+"""Shipped model bundles: architecture code, weights, cards, calibrations, training scripts."""
