@@ -1,0 +1,45 @@
+"""`fisherguard calibrate`: clean, correctly classified images -> calibration.json (design.md §5)."""
+
+from typing import Any
+
+import numpy as np
+
+from service.bundle import Bundle
+from service.calibration import Calibration
+from service.data import Dataset
+from service.fisher import SCORES
+from service.scoring import score_batches
+
+DEFAULT_OPTIONS: dict[str, Any] = {"noise_sigma": 0.1, "noise_samples": 16}
+
+
+def calibrate(
+    bundle: Bundle,
+    data: Dataset,
+    alpha: float,
+    statistic: str,
+    tail: str = "one-sided",
+    batch_size: int = 64,
+    progress: bool = False,
+    options: dict[str, Any] | None = None,
+) -> Calibration:
+    """Scores every clean image the model classifies correctly; keeps the sorted values per score."""
+    if statistic not in SCORES:
+        raise ValueError(f"unknown decision statistic {statistic!r}; known: {sorted(SCORES)}")
+    opts = {**DEFAULT_OPTIONS, **(options or {})}
+    values, pred = score_batches(bundle.model, data.x, list(SCORES), opts, batch_size, progress)
+    correct = pred == data.y.numpy()
+    return Calibration(
+        weights_sha256=bundle.weights_sha256,
+        data={
+            "description": data.description + ", correctly classified images only",
+            "sha256": data.sha256,
+            "images": int(len(data.y)),
+            "correct": int(correct.sum()),
+        },
+        alpha=alpha,
+        statistic=statistic,
+        values={k: np.sort(v[correct]) for k, v in values.items()},
+        score_options=opts,
+        tail=tail,
+    )

@@ -1,0 +1,124 @@
+"""The `fisherguard` command: serve, calibrate, evaluate."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from service.fisher import SCORES
+
+DEFAULT_DATA = Path("../shared/data")
+
+
+def _default_data(bundle_card: dict) -> Path:  # type: ignore[type-arg]
+    return DEFAULT_DATA / str(bundle_card.get("training_data", {}).get("file", ""))
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from service.server import run
+    from service.settings import Settings
+
+    fields = set(Settings.model_fields)
+    overrides = {k: v for k, v in vars(a).items() if k in fields and v is not None}
+    run(Settings(**overrides))
+    return 0
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    import torch
+
+    from service.bundle import load_bundle
+    from service.calibrate import calibrate
+    from service.data import load_dataset
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    bundle = load_bundle(a.model, _device(a.device))
+    statistic = a.statistic or (bundle.calibration.statistic if bundle.calibration else bundle.card.get("decision_statistic", "sensitivity"))
+    c, h, w = bundle.input_shape
+    data = load_dataset(a.data or _default_data(bundle.card), a.split, bundle.classes, (c, h, w))
+    tail = a.tail or (bundle.calibration.tail if bundle.calibration else "one-sided")
+    cal = calibrate(bundle, data, a.alpha, statistic, tail, a.batch_size, progress=sys.stderr.isatty())
+    out = a.out or bundle.path / "calibration.json"
+    cal.save(out)
+    print(f"wrote {out}: n = {cal.n} clean, correctly classified images of {data.description}; statistic {statistic} ({tail}), alpha {a.alpha}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    import torch
+
+    from service.bundle import load_bundle
+    from service.data import load_dataset
+    from service.evaluate import evaluate, markdown, parse_attack, write
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    bundle = load_bundle(a.model, _device(a.device))
+    data = load_dataset(a.data or _default_data(bundle.card), a.split, bundle.classes, bundle.input_shape)
+    report = evaluate(bundle, data, [parse_attack(s) for s in a.attacks.split(",")], a.limit, batch_size=a.batch_size, progress=sys.stderr.isatty())
+    write(report, a.out)
+    print(markdown(report))
+    return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fisherguard", description="Fisher-information detection of adversarial images.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the HTTP service")
+    s.add_argument("--model", help="bundle name (mnist, cifar10) or directory; default mnist")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--max-batch-size", type=int)
+    s.add_argument("--max-delay-ms", type=float)
+    s.add_argument("--max-queue-images", type=int)
+    s.add_argument("--request-timeout-ms", type=float)
+    s.add_argument("--torch-threads", type=int)
+    s.add_argument("--log-level")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("calibrate", help="write calibration.json from clean data")
+    c.add_argument("--model", default="mnist")
+    c.add_argument("--data", type=Path, help="npz file or class-folder directory (default ../shared/data/<card's file>)")
+    c.add_argument("--split", default="calibration", choices=["calibration", "evaluation", "all"])
+    c.add_argument("--alpha", type=float, default=0.01)
+    c.add_argument("--statistic", choices=sorted(SCORES), help="decision statistic (default: the bundle's current one)")
+    c.add_argument("--tail", choices=["one-sided", "two-sided"], help="decision p-value: the score's own direction, or both tails")
+    c.add_argument("--out", type=Path, help="default: <bundle>/calibration.json")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.add_argument("--threads", type=int)
+    c.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("evaluate", help="measure detection against attacks (design.md §7)")
+    e.add_argument("--model", default="mnist")
+    e.add_argument("--data", type=Path)
+    e.add_argument("--split", default="evaluation", choices=["calibration", "evaluation", "all"])
+    e.add_argument("--attacks", default="pgd_linf:0.1,pgd_linf:0.3")
+    e.add_argument("--limit", type=int, help="attack at most this many clean images (seeded subset)")
+    e.add_argument("--out", type=Path, default=Path("bench/results/evaluate"))
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--threads", type=int)
+    e.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return int(a.func(a))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fisherguard {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Labelled image sets for calibration and evaluation, and the seeded split of design.md §7."""
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from service.bundle import sha256_file
+from service.images import decode
+
+SPLITS = ("calibration", "evaluation", "all")
+
+
+@dataclass
+class Dataset:
+    x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
+    y: torch.Tensor  # (N,) long
+    description: str
+    sha256: str
+
+
+def split_indices(n: int, split: str) -> np.ndarray:
+    """perm = default_rng(0).permutation(n): perm[:n//2] calibrates, perm[n//2:] evaluates."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    perm = np.random.default_rng(0).permutation(n)
+    return {"calibration": perm[: n // 2], "evaluation": perm[n // 2 :], "all": np.arange(n)}[split]
+
+
+def _from_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split of an MNIST-style npz (x_test uint8 (N, H, W[, C])) or a JPEG npz (test_jpeg)."""
+    with np.load(path) as d:
+        if "x_test" in d:
+            x = torch.from_numpy(d["x_test"]).float().div(255)
+            x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+            return x.contiguous(), torch.from_numpy(d["y_test"]).long()
+        if "test_jpeg" in d:
+            raw, off = d["test_jpeg"], d["test_offsets"]
+            imgs = [np.asarray(Image.open(io.BytesIO(raw[off[i] : off[i + 1]].tobytes())).convert("RGB")) for i in range(len(off) - 1)]
+            x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255)
+            return x.contiguous(), torch.from_numpy(d["test_labels"]).long()
+    raise ValueError(f"{path}: expected keys x_test/y_test or test_jpeg/test_offsets/test_labels")
+
+
+def _from_folder(path: Path, classes: list[str], shape: tuple[int, int, int], resize: str, background: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIR/<class name>/<image files>; class names as in the bundle card."""
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((path / name).glob("*")) if (path / name).is_dir() else []:
+            xs.append(decode(f.read_bytes(), *shape, resize, background, 1 << 26))
+            ys.append(label)
+    if not xs:
+        raise ValueError(f"{path}: no images found in class folders {classes}")
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def load_dataset(path: Path, split: str, classes: list[str], shape: tuple[int, int, int], resize: str = "bilinear", background: int = 0) -> Dataset:
+    """Loads the test images of an npz file or a class-folder tree and takes one half of the seeded split."""
+    if path.is_dir():
+        x, y = _from_folder(path, classes, shape, resize, background)
+        digest = "folder"
+    else:
+        x, y = _from_npz(path)
+        digest = sha256_file(path)
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"{path}: images are {tuple(x.shape[1:])}, the model takes {shape}")
+    idx = split_indices(len(x), split)
+    desc = f"{path.name} test set, {split} half of numpy.random.default_rng(0).permutation({len(x)})" if split != "all" else f"{path.name} test set"
+    return Dataset(x[idx], y[idx], desc, digest)

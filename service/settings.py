@@ -1,0 +1,31 @@
+"""All service settings in one place, read once: flags of `fisherguard serve` override environment
+variables (FISHERGUARD_<NAME>), which override these defaults."""
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FISHERGUARD_", extra="forbid")
+
+    model: str = Field("mnist", description="shipped bundle name or bundle directory")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # batching
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images per forward/backward")
+    max_delay_ms: float = Field(2.0, ge=0, le=1000, description="wait for more images, from the oldest waiting one")
+    max_queue_images: int = Field(256, ge=1, description="images waiting at most; more are answered 503 overloaded")
+    request_timeout_ms: float = Field(10_000, gt=0, description="deadline of a request, queue and compute")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    # limits
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    # decision
+    alpha: float | None = Field(None, gt=0, lt=1, description="default α (else the calibration's)")
+    min_alpha: float = Field(1e-4, gt=0, lt=1)
+    max_alpha: float = Field(0.5, gt=0, lt=1)
+    log_level: str = "info"

@@ -1,0 +1,43 @@
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.bundle import Bundle, load_bundle
+from service.settings import Settings
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """16 MNIST test digits from the evaluation half: (16, 1, 28, 28) in [0, 1], labels (16,)."""
+    f = np.load(FIXTURES / "mnist_eval16.npz")
+    return torch.from_numpy(f["x"]).float().div(255)[:, None], torch.from_numpy(f["y"]).long()
+
+
+@pytest.fixture(scope="session")
+def mnist() -> Bundle:
+    return load_bundle("mnist")
+
+
+def png(x: torch.Tensor, mode: str = "L") -> bytes:
+    """(1, H, W) or (3, H, W) in [0, 1] -> PNG bytes in the given mode."""
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    buf = io.BytesIO()
+    img.convert(mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(mnist: Bundle) -> Iterator[TestClient]:
+    settings = Settings(device="cpu", max_body_bytes=200_000, max_images_per_request=8)
+    with TestClient(create_app(settings, bundle=mnist)) as c:
+        yield c
