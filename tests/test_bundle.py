@@ -1,0 +1,135 @@
+"""Bundles (design.md §4) and calibration files (design.md §5)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.bundle import Bundle, BundleError, load_bundle
+from service.calibration import Calibration
+from service.fisher import HEATMAPS, SCORES, compute
+
+
+def test_shipped_mnist_bundle(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+    assert mnist.classes == [str(d) for d in range(10)]
+    assert mnist.input_shape == (1, 28, 28)
+    card = mnist.card
+    assert card["test_accuracy"] >= 0.992
+    assert card["training_data"]["sha256"] == "c3b4aadaefe08c5229d60a6d5e39187df38c4f0952536322357dcf401a6a3008"
+    assert card["param_count"] == sum(p.numel() for p in mnist.model.parameters())
+    assert card["weights_sha256"] == mnist.weights_sha256
+    assert not mnist.model.training
+    with torch.no_grad():
+        assert (mnist.model(x).argmax(1) == y).float().mean() >= 0.9
+    cal = mnist.calibration
+    assert cal is not None and cal.weights_sha256 == mnist.weights_sha256
+    assert cal.n > 4900 and set(cal.values) == set(SCORES)
+    assert "calibration half" in cal.data["description"]
+
+
+def test_one_image_alone_or_in_a_batch_on_the_shipped_model(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    x, _ = digits
+    batch = compute(mnist.model, x, list(SCORES), HEATMAPS)
+    for i in (0, 7):
+        alone = compute(mnist.model, x[i : i + 1], list(SCORES), HEATMAPS)
+        for k in SCORES:
+            assert torch.allclose(alone.scores[k], batch.scores[k][i : i + 1], rtol=1e-4, atol=1e-30), k
+        for k in HEATMAPS:
+            scale = batch.heatmaps[k][i].abs().max()
+            assert torch.allclose(alone.heatmaps[k], batch.heatmaps[k][i : i + 1], rtol=1e-3, atol=1e-4 * float(scale)), k
+
+
+@pytest.fixture
+def bundle_copy(tmp_path: Path, mnist: Bundle) -> Path:
+    dst = tmp_path / "mine"
+    shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    return dst
+
+
+def test_load_by_path(bundle_copy: Path) -> None:
+    b = load_bundle(bundle_copy)
+    assert b.path == bundle_copy.resolve() and b.name == "mnist" and b.calibration is not None
+
+
+def test_refuses_a_calibration_made_for_other_weights(bundle_copy: Path) -> None:
+    cal = json.loads((bundle_copy / "calibration.json").read_text())
+    cal["weights_sha256"] = "0" * 64
+    (bundle_copy / "calibration.json").write_text(json.dumps(cal))
+    with pytest.raises(BundleError, match="was made for weights with sha256 0000.*recalibrate"):
+        load_bundle(bundle_copy)
+
+
+def test_refuses_weights_that_do_not_match_the_card(bundle_copy: Path) -> None:
+    data = bytearray((bundle_copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (bundle_copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="card.json says"):
+        load_bundle(bundle_copy)
+
+
+def test_refuses_pickles(bundle_copy: Path) -> None:
+    (bundle_copy / "model.safetensors").unlink()
+    torch.save({}, bundle_copy / "model.pt")
+    with pytest.raises(BundleError, match="only read from safetensors"):
+        load_bundle(bundle_copy)
+
+
+def test_unknown_bundle_lists_the_shipped_ones() -> None:
+    with pytest.raises(BundleError, match=r"no bundle 'nope'.*'mnist'"):
+        load_bundle("nope")
+
+
+def test_architecture_file_inside_the_bundle(bundle_copy: Path, mnist: Bundle) -> None:
+    shutil.copy(mnist.path / "model.py", bundle_copy / "net.py")
+    card = json.loads((bundle_copy / "card.json").read_text())
+    card["architecture"] = "./net.py:build"
+    (bundle_copy / "card.json").write_text(json.dumps(card))
+    assert load_bundle(bundle_copy).calibration is not None
+    card["architecture"] = "./../../etc/x.py:build"
+    (bundle_copy / "card.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="not a file inside the bundle"):
+        load_bundle(bundle_copy)
+
+
+def _cal(values: np.ndarray, statistic: str = "sensitivity", tail: str = "one-sided") -> Calibration:
+    return Calibration("w", {}, 0.05, statistic, {statistic: np.sort(values)}, tail=tail)
+
+
+def test_conformal_p_values_count_as_defined() -> None:
+    cal = _cal(np.array([1.0, 2.0, 3.0, 4.0]))
+    # (1 + #{c ≥ t}) / (n + 1)
+    assert cal.p_value("sensitivity", np.array([0.0, 2.0, 2.5, 4.0, 9.0])).tolist() == [1.0, 4 / 5, 3 / 5, 2 / 5, 1 / 5]
+    low = Calibration("w", {}, 0.05, "margin", {"margin": np.array([1.0, 2.0, 3.0, 4.0])})
+    assert low.p_value("margin", np.array([0.0, 2.0, 9.0])).tolist() == [1 / 5, 3 / 5, 1.0]  # (1 + #{c ≤ t}) / (n + 1)
+    two = _cal(np.array([1.0, 2.0, 3.0, 4.0]), tail="two-sided")
+    assert two.decision_p_value(np.array([0.0, 2.5, 9.0])).tolist() == [2 / 5, 1.0, 2 / 5]
+
+
+@pytest.mark.parametrize("tail", ["one-sided", "two-sided"])
+def test_the_false_positive_rate_is_at_most_alpha_on_exchangeable_data(tail: str) -> None:
+    rng = np.random.default_rng(0)
+    n, alpha, trials = 200, 0.05, 4000
+    hits = 0
+    for _ in range(trials):
+        data = rng.standard_normal(n + 1)
+        hits += int(_cal(data[:n], tail=tail).decision_p_value(data[n:])[0] <= alpha)
+    rate = hits / trials
+    assert rate <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)  # ≤ α up to sampling noise
+    assert rate >= alpha - 0.02  # and not vacuous
+
+
+def test_calibration_json_round_trip(tmp_path: Path, mnist: Bundle) -> None:
+    cal = mnist.calibration
+    assert cal is not None
+    cal.save(tmp_path / "c.json")
+    again = Calibration.load(tmp_path / "c.json")
+    assert again.statistic == cal.statistic and again.tail == cal.tail and again.n == cal.n
+    for k in cal.values:
+        assert np.allclose(again.values[k], cal.values[k], rtol=1e-8)
+    d = json.loads((tmp_path / "c.json").read_text())
+    assert {"weights_sha256", "data", "n", "alpha", "decision", "scores", "created", "score_options"} <= set(d)
+    assert d["data"]["sha256"] == "c3b4aadaefe08c5229d60a6d5e39187df38c4f0952536322357dcf401a6a3008"

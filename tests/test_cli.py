@@ -1,0 +1,82 @@
+"""The `fisherguard` command: calibrate and evaluate on small data, serve as a real process."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.bundle import Bundle, load_bundle
+from service.cli import main
+from tests.conftest import FIXTURES, png
+
+
+@pytest.fixture
+def small_npz(tmp_path: Path) -> Path:
+    f = np.load(FIXTURES / "mnist_eval16.npz")
+    path = tmp_path / "digits.npz"
+    np.savez(path, x_test=f["x"], y_test=f["y"])
+    return path
+
+
+def test_calibrate_writes_a_calibration_the_bundle_accepts(tmp_path: Path, small_npz: Path, mnist: Bundle) -> None:
+    dst = tmp_path / "b"
+    shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    assert main(["calibrate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--statistic", "margin", "--alpha", "0.1"]) == 0
+    d = json.loads((dst / "calibration.json").read_text())
+    assert d["n"] == 16 and d["alpha"] == 0.1 and d["decision"] == {"statistic": "margin", "tail": "two-sided"}
+    assert d["weights_sha256"] == mnist.weights_sha256
+    assert d["scores"]["margin"]["values"] == sorted(d["scores"]["margin"]["values"])
+    assert load_bundle(dst).calibration.n == 16  # type: ignore[union-attr]
+
+
+def test_calibrate_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["calibrate", "--model", "nope", "--data", str(tmp_path)]) == 2
+    assert "no bundle 'nope'" in capsys.readouterr().err
+
+
+def test_evaluate_small(tmp_path: Path, small_npz: Path) -> None:
+    out = tmp_path / "report"
+    assert main(["evaluate", "--model", "mnist", "--data", str(small_npz), "--split", "all", "--attacks", "pgd_linf:0.3", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    a = rep["attacks"]["pgd_linf:0.3"]
+    assert a["success_rate"] > 0.9 and a["median_linf"] <= 0.3 + 0.5 / 255 + 1e-6
+    assert 0 <= a["scores"]["margin"]["auc"] <= 1 and a["decision"]["tpr@0.05"] >= 0
+    assert (out / "report.md").read_text().startswith("# Detection report: mnist")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_serve_answers_and_stops_cleanly_on_sigterm(digits) -> None:  # type: ignore[no-untyped-def]
+    port = _free_port()
+    env = {**os.environ, "FISHERGUARD_MAX_BATCH_SIZE": "8"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--device", "auto"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        x, y = digits
+        r = httpx.post(base + "/v1/detect", content=png(x[0]), headers={"content-type": "image/png"}, timeout=30)
+        assert r.status_code == 200 and r.json()["results"][0]["predicted_class"] == int(y[0])
+        assert httpx.get(base + "/v1/model").json()["batching"]["max_batch_size"] == 8  # from the environment
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
