@@ -238,3 +238,23 @@ def test_large_inputs_and_many_classes_stay_bounded() -> None:
     trunc = compute(model, x, ["fisher_input_eig"], top_classes=20, eig_method="exact").scores["fisher_input_eig"]
     assert (r.scores["fisher_input_eig"] >= trunc * (1 - 1e-6)).all()
     assert (r.scores["fisher_input_trace"] >= trunc * (1 - 1e-6)).all()
+
+
+@pytest.mark.parametrize("name", ["mlp", "shared"])
+def test_fis_where_float32_cannot_hold_one_minus_p_hat(name: str) -> None:
+    """Margins 20–30: 1 − p̂ < 1e-8 rounds away in float32; the float64 reference still resolves it."""
+    x = torch.rand(256, *make(name)[1], generator=torch.Generator().manual_seed(4))
+    for scale in (25.0, 50.0, 100.0, 200.0, 400.0):
+        model, _ = make(name)
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            last.weight.mul_(scale)
+            last.bias.mul_(scale)
+        margin = compute(model, x, ["margin"]).scores["margin"]
+        if int(((margin > 20) & (margin < 30)).sum()) >= 2:
+            break
+    x = x[(margin > 20) & (margin < 30)][:2]
+    assert len(x) == 2
+    ref = reference(model, x)
+    got = compute(model, x, [], ["fis"]).heatmaps["fis"]
+    assert _rel(got, ref["fis"]) < 1e-3

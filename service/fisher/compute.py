@@ -8,6 +8,7 @@ identities of `persample`. `fis` needs one double backward; `fisher_noise_kl` M 
 """
 
 import hashlib
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -135,12 +136,26 @@ def compute(
     return _concat(parts)
 
 
+_NUM_CLASSES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], int]]" = weakref.WeakKeyDictionary()
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    """K, from one forward of one image, remembered per model and input shape."""
+    known = _NUM_CLASSES.setdefault(model, {})
+    shape = tuple(x.shape[1:])
+    if shape not in known:
+        with torch.no_grad():
+            known[shape] = int(model(x[:1]).shape[1])
+    return known[shape]
+
+
 def _auto_chunk(model: nn.Module, x: Tensor, scores: Sequence[str], heatmaps: Sequence[str], opts: Options) -> int:
     """Images per pass so that the (m, N, D) gradient block stays near 2^26 values (256 MB)."""
-    with torch.no_grad():
-        k = model(x[:1]).shape[1]
     wanted = set(scores) | set(heatmaps)
-    m = 1 + (min(k, opts.top_classes or k) if wanted & (_CLASS_INPUT | _CLASS_PARAM) else 0)
+    if not wanted & (_CLASS_INPUT | _CLASS_PARAM):
+        return max(1, (1 << 26) // x[0].numel())
+    k = _num_classes(model, x)
+    m = 1 + min(k, opts.top_classes or k)
     return max(1, (1 << 26) // (m * x[0].numel()))
 
 
@@ -332,36 +347,35 @@ def _param_scores(gram: Tensor, pk: Tensor | None, var: Tensor, wanted: set[str]
 def fis(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Martin & Elster's binary Fisher information sensitivity, exact. (N, C, H, W) -> (N, H, W) float64.
 
-    With h = D_v log p̂ = ⟨∇_θ log p̂(x), v⟩, v = ∇_θ log p̂ held fixed, q_0 = p̂, q_1 = 1 − p̂:
-    FIS_i = Σ_j ∂_i(D_v log q_j) ∂_i(D_v q_j) = e^s (∂_i h + (1−p̂) h ∂_i s)(∂_i h + p̂ h ∂_i s).
+    FIS_i = Σ_j ∂_i(D_v log q_j) ∂_i(D_v q_j), q_0 = p̂, q_1 = 1 − p̂, D_v f = ⟨∇_θ f, v⟩ with
+    v = ∇_θ log p̂ held fixed. Since ∇_θ log p̂ = (1 − p̂)∇_θ s, every D_v term is a multiple of
+    k = D_v s, and the sum collapses to FIS_i = ∂_i(p̂(1−p̂)k) · ∂_i k. With v = (1 − p̂)w,
+    w = ∇_θ s held fixed and k̃ = ⟨∇_θ s(x), w⟩:
+        FIS_i = p̂(1 − p̂)³ (∂_i k̃ + (1 − 2p̂) k̃ ∂_i s) ∂_i k̃,
+    where nothing cancels and nothing is of size 1 − p̂ until the float64 prefactor.
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         z, tape = _forward(model, x, True)
         s = basics.log_odds(z, y)  # (N,)
-        log_sigma = -torch.nn.functional.softplus(s.detach().double())  # log(1 − p̂): the size of ∇ log p̂
-        sigma = log_sigma.exp().clamp_min(1e-300).float()
-        log_phat = torch.log_softmax(z, 1).gather(1, y[:, None]).squeeze(1) / sigma  # h comes out as h / σ²
         if tape is not None:
             outs = [st.o for st in tape.sites]
-            gs = torch.autograd.grad(log_phat.sum(), outs, create_graph=True)
-            h = sum(
+            *gs, ds = torch.autograd.grad(s.sum(), [*outs, x], create_graph=True)  # ∂s/∂o_l, ∂s/∂x
+            k = sum(
                 (persample.layer_gram(st.module, st.a, g[None], st.a.detach(), g.detach()[None])[:, 0, 0] for st, g in zip(tape.sites, gs, strict=True)),
                 torch.zeros(()),
-            )  # (N,)
-            (dh,) = torch.autograd.grad(h.sum(), x, retain_graph=True)
-            h = h.detach()
+            )  # (N,) k̃ = ⟨∇_θ s(x), w⟩
+            (dk,) = torch.autograd.grad(k.sum(), x)
+            k, ds = k.detach(), ds.detach()
         else:
-            dh = functional.directional_grad(model, x.detach(), y, sigma)
-            h = functional.directional_value(model, x.detach(), y, sigma)
-        (ds,) = torch.autograd.grad(s.sum(), x)
-    s64, h64 = s.detach().double(), h.double()
-    phat, one_minus = torch.sigmoid(s64), torch.sigmoid(-s64)
+            dk = functional.directional_grad(model, x.detach(), y)
+            k = functional.directional_value(model, x.detach(), y)
+            (ds,) = torch.autograd.grad(s.sum(), x)
+    s64, k64 = s.detach().double(), k.double()
+    log_pre = -torch.nn.functional.softplus(-s64) - 3 * torch.nn.functional.softplus(s64)  # log p̂(1 − p̂)³
     shape = (-1, 1, 1, 1)
-    dh, ds = dh.double(), ds.double()
-    a = dh + (one_minus * h64).view(shape) * ds
-    b = dh + (phat * h64).view(shape) * ds
-    return ((s64 + 4 * log_sigma).exp().view(shape) * a * b).sum(1)  # e^s σ⁴ · (scaled a)(scaled b)
+    dk, ds = dk.double(), ds.double()
+    return (log_pre.exp().view(shape) * (dk + ((1 - 2 * torch.sigmoid(s64)) * k64).view(shape) * ds) * dk).sum(1)
 
 
 def _image_seed(x1: Tensor) -> int:

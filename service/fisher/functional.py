@@ -7,6 +7,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from service.fisher.basics import log_odds
+
 Params = dict[str, Tensor]
 
 
@@ -38,29 +40,33 @@ def param_gram(model: nn.Module, x: Tensor, cotangents: Tensor) -> Tensor:
     return vmap(per_sample)(x, cotangents.transpose(0, 1))
 
 
-def directional_grad(model: nn.Module, x: Tensor, y: Tensor, scale: Tensor) -> Tensor:
-    """∂_x h with h(x) = ⟨∇_θ f(x), v⟩, f = log p_y / scale, v = ∇_θ f at the given x, held fixed. -> x.shape."""
+def _log_odds1(z: Tensor, y: Tensor) -> Tensor:
+    return log_odds(z[None], y[None])[0]
+
+
+def directional_grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """∂_x k with k(x) = ⟨∇_θ s(x), w⟩ and w = ∇_θ s at the given x, held fixed. -> x.shape."""
     params, rest = _split(model)
     logits = _logits_fn(model, rest)
 
-    def log_py(p: Params, x1: Tensor, y1: Tensor, c1: Tensor) -> Tensor:
-        return torch.log_softmax(logits(p, x1), dim=0).gather(0, y1[None])[0] / c1
+    def s_fn(p: Params, x1: Tensor, y1: Tensor) -> Tensor:
+        return _log_odds1(logits(p, x1), y1)
 
-    v = vmap(grad(log_py), in_dims=(None, 0, 0, 0))(params, x, y, scale)  # name -> (N, *shape)
+    w = vmap(grad(s_fn), in_dims=(None, 0, 0))(params, x, y)  # name -> (N, *shape)
 
-    def h(x1: Tensor, y1: Tensor, c1: Tensor, v1: Params) -> Tensor:
-        return jvp(lambda p: log_py(p, x1, y1, c1), (params,), (v1,))[1]
+    def k(x1: Tensor, y1: Tensor, w1: Params) -> Tensor:
+        return jvp(lambda p: s_fn(p, x1, y1), (params,), (w1,))[1]
 
-    return vmap(grad(h))(x, y, scale, v)
+    return vmap(grad(k))(x, y, w)
 
 
-def directional_value(model: nn.Module, x: Tensor, y: Tensor, scale: Tensor) -> Tensor:
-    """h = ‖∇_θ log p_y / scale‖² per sample (the value of h at the point). -> (N,)."""
+def directional_value(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """k = ‖∇_θ s‖² per sample (k at the point itself). -> (N,)."""
     params, rest = _split(model)
     logits = _logits_fn(model, rest)
 
-    def sq_norm(x1: Tensor, y1: Tensor, c1: Tensor) -> Tensor:
-        g = grad(lambda p: torch.log_softmax(logits(p, x1), dim=0).gather(0, y1[None])[0] / c1)(params)
+    def sq_norm(x1: Tensor, y1: Tensor) -> Tensor:
+        g = grad(lambda p: _log_odds1(logits(p, x1), y1))(params)
         return sum((t * t).sum() for t in g.values())  # type: ignore[return-value]
 
-    return vmap(sq_norm)(x, y, scale)
+    return vmap(sq_norm)(x, y)
