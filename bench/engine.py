@@ -25,17 +25,26 @@ from torch.func import functional_call, jacrev, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import environment, interleaved, write  # noqa: E402
-from models.cifar10.model import build as resnet20  # noqa: E402
-from service.bundle import load_bundle  # noqa: E402
-from service.fisher import HEATMAPS, SCORES, compute  # noqa: E402
+from bench.common import environment, interleaved, write
+from models.cifar10.model import build as resnet20
+from service.bundle import load_bundle
+from service.fisher import HEATMAPS, SCORES, compute
 
 FLOOR_OF = {
-    "confidence": "forward", "entropy": "forward", "margin": "forward",
-    "sensitivity": "fwd+bwd_x", "fisher_input_binary": "fwd+bwd_x", "saliency": "fwd+bwd_x",
-    "fisher_param_binary": "fwd+bwd_x,θ", "fis": "fwd+bwd_x,θ",
-    "fisher_input_trace": "fwd+K·bwd_x", "fisher_input_eig": "fwd+K·bwd_x", "fisher_diag": "fwd+K·bwd_x", "eigvec": "fwd+K·bwd_x",
-    "fisher_param_trace": "fwd+K·bwd_x,θ", "fisher_form": "fwd+K·bwd_x,θ",
+    "confidence": "forward",
+    "entropy": "forward",
+    "margin": "forward",
+    "sensitivity": "fwd+bwd_x",
+    "fisher_input_binary": "fwd+bwd_x",
+    "saliency": "fwd+bwd_x",
+    "fisher_param_binary": "fwd+bwd_x,θ",
+    "fis": "fwd+bwd_x,θ",
+    "fisher_input_trace": "fwd+K·bwd_x",
+    "fisher_input_eig": "fwd+K·bwd_x",
+    "fisher_diag": "fwd+K·bwd_x",
+    "eigvec": "fwd+K·bwd_x",
+    "fisher_param_trace": "fwd+K·bwd_x,θ",
+    "fisher_form": "fwd+K·bwd_x,θ",
     "fisher_noise_kl": "forward",
 }
 
@@ -43,8 +52,15 @@ FLOOR_OF = {
 def example_cnn() -> nn.Module:
     """The PyTorch MNIST example net (1.2M parameters): the model the research leads timed peers on."""
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(9216, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 32, 3),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(9216, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
@@ -65,7 +81,13 @@ def floors(model: nn.Module, x: Tensor, k: int) -> dict[str, Callable[[], Any]]:
 
         return run
 
-    return {"forward": fwd, "fwd+bwd_x": bwd("x", 1), "fwd+bwd_x,θ": bwd("xθ", 1), "fwd+K·bwd_x": bwd("x", k), "fwd+K·bwd_x,θ": bwd("xθ", k)}
+    return {
+        "forward": fwd,
+        "fwd+bwd_x": bwd("x", 1),
+        "fwd+bwd_x,θ": bwd("xθ", 1),
+        "fwd+K·bwd_x": bwd("x", k),
+        "fwd+K·bwd_x,θ": bwd("xθ", k),
+    }
 
 
 def loop_param_trace(model: nn.Module, x: Tensor) -> Tensor:
@@ -123,7 +145,9 @@ def backpack_param_trace(model: nn.Module, x: Tensor) -> Callable[[], Tensor] | 
     return run
 
 
-def bench_model(name: str, model: nn.Module, shape: tuple[int, ...], batches: list[int], reps: int, device: str, peers: bool) -> list[dict[str, Any]]:
+def bench_model(
+    name: str, model: nn.Module, shape: tuple[int, ...], batches: list[int], reps: int, device: str, peers: bool
+) -> list[dict[str, Any]]:
     model = model.to(device).eval()
     rows = []
     for n in batches:
@@ -131,12 +155,12 @@ def bench_model(name: str, model: nn.Module, shape: tuple[int, ...], batches: li
         k = model(x[:1]).shape[1]
         methods: dict[str, Callable[[], Any]] = dict(floors(model, x, k))
         for s in SCORES:
-            methods[s] = lambda s=s: compute(model, x, [s])
+            methods[s] = lambda s=s, x=x: compute(model, x, [s])
         for h in HEATMAPS:
-            methods[h] = lambda h=h: compute(model, x, [], [h])
+            methods[h] = lambda h=h, x=x: compute(model, x, [], [h])
         if peers:
-            methods["peer:loop fisher_param_trace"] = lambda: loop_param_trace(model, x)
-            methods["peer:vmap(jacrev) fisher_param_trace"] = lambda: vmap_jacrev_param_trace(model, x)
+            methods["peer:loop fisher_param_trace"] = lambda x=x: loop_param_trace(model, x)
+            methods["peer:vmap(jacrev) fisher_param_trace"] = lambda x=x: vmap_jacrev_param_trace(model, x)
             bp = backpack_param_trace(model, x)
             if bp is not None:
                 methods["peer:backpack BatchDiagGGNExact fisher_param_trace"] = bp
@@ -152,7 +176,7 @@ def bench_model(name: str, model: nn.Module, shape: tuple[int, ...], batches: li
             if method.startswith("peer:"):
                 row["speedup_of_engine"] = sec / med["fisher_param_trace"]
             rows.append(row)
-        print_table(name, n, rows[-len(med):])
+        print_table(name, n, rows[-len(med) :])
     return rows
 
 
@@ -184,7 +208,9 @@ def main() -> None:
     torch.manual_seed(0)
     batches = [int(b) for b in a.batches.split(",")]
     rows = []
-    rows += bench_model("mnist (shipped, 0.46M, BatchNorm CNN)", load_bundle("mnist").model, (1, 28, 28), batches, a.reps, a.device, peers=True)
+    rows += bench_model(
+        "mnist (shipped, 0.46M, BatchNorm CNN)", load_bundle("mnist").model, (1, 28, 28), batches, a.reps, a.device, peers=True
+    )
     rows += bench_model("example-cnn (1.2M, conv-conv-9216-128-10)", example_cnn(), (1, 28, 28), batches, a.reps, a.device, peers=True)
     rows += bench_model("resnet20 (CIFAR size 3x32x32, 0.27M)", resnet20(), (3, 32, 32), batches, a.reps, a.device, peers=True)
     out = a.out or Path(__file__).parent / "results" / f"engine-{a.device.split(':')[0]}.json"

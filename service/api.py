@@ -48,10 +48,16 @@ class State:
     batcher: Batcher | None = None
     device: str = "cpu"
     warmed: bool = False
+    draining: bool = False  # SIGTERM seen: finish what was accepted, refuse the rest
+    inflight: int = 0  # /v1/detect requests being handled
+
+    @property
+    def closing(self) -> bool:
+        return self.draining or (self.batcher is not None and self.batcher.closing)
 
     @property
     def ready(self) -> bool:
-        return self.bundle is not None and self.warmed and self.batcher is not None and self.batcher.running and not self.batcher.closing
+        return self.bundle is not None and self.warmed and self.batcher is not None and self.batcher.running and not self.closing
 
 
 router = APIRouter()
@@ -91,7 +97,9 @@ async def _uploads(request: Request, settings: Settings) -> list[tuple[str | Non
     """(filename, bytes) for each image: a raw image body or multipart fields named `file`."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not (ctype.startswith("image/") or ctype in ("application/octet-stream", "multipart/form-data")):
-        raise ServiceError(415, "unsupported_media_type", f"content-type {ctype or '(none)'!r}: send an image/* body or multipart/form-data")
+        raise ServiceError(
+            415, "unsupported_media_type", f"content-type {ctype or '(none)'!r}: send an image/* body or multipart/form-data"
+        )
     body = await _read_body(request, settings.max_body_bytes)
     if ctype != "multipart/form-data":
         return [(None, body)]
@@ -113,7 +121,9 @@ async def _decode_all(uploads: list[tuple[str | None, bytes]], state: State) -> 
 
     def one(data: bytes) -> torch.Tensor | ServiceError:
         try:
-            return images.decode(data, c, h, w, spec.get("resize", "bilinear"), int(spec.get("background", 0)), state.settings.max_image_pixels)
+            return images.decode(
+                data, c, h, w, spec.get("resize", "bilinear"), int(spec.get("background", 0)), state.settings.max_image_pixels
+            )
         except ServiceError as e:
             return e
 
@@ -127,24 +137,27 @@ async def _until_disconnect(request: Request) -> None:
 
 async def _await_jobs(request: Request, jobs: list[Job], deadline: float) -> None:
     """Waits for the images; a disconnect or the deadline cancels them (queued work is then dropped)."""
-    if not jobs:
-        return
-    done = asyncio.gather(*(j.future for j in jobs))
+    pending: set[asyncio.Future[Any]] = {j.future for j in jobs}
     gone = asyncio.ensure_future(_until_disconnect(request))
     try:
-        finished, _ = await asyncio.wait({done, gone}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+        while pending:
+            finished, _ = await asyncio.wait(
+                pending | {gone}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not finished or gone in finished:
+                for j in jobs:
+                    j.future.cancel()
+                if gone in finished:
+                    raise ServiceError(499, "client_closed_request", "the client disconnected")
+                raise ServiceError(503, "queue_timeout", "the request's deadline passed before its images were scored", retry_after=1)
+            pending -= finished
     finally:
         gone.cancel()
-    if done not in finished:
-        for j in jobs:
-            j.future.cancel()
-        done.cancel()
-        if gone in finished:
-            raise ServiceError(499, "client_closed_request", "the client disconnected")
-        raise ServiceError(503, "queue_timeout", "the request's deadline passed before its images were scored", retry_after=1)
 
 
-def _verdict(state: State, index: int, filename: str | None, outcome: Outcome | ServiceError, alpha: float, scores: tuple[str, ...]) -> dict[str, Any]:
+def _verdict(
+    state: State, index: int, filename: str | None, outcome: Outcome | ServiceError, alpha: float, scores: tuple[str, ...]
+) -> dict[str, Any]:
     if isinstance(outcome, ServiceError):
         state.metrics.errors.labels(outcome.code).inc()
         return {"index": index, "filename": filename, "status": "error", "error": {"code": outcome.code, "message": outcome.message}}
@@ -190,16 +203,30 @@ async def detect(
 ) -> JSONResponse:
     t0 = time.monotonic()
     state = _state(request)
+    if state.closing:
+        raise ServiceError(503, "shutting_down", "the service is shutting down; retry on another replica", retry_after=1)
     if not state.ready or state.bundle is None or state.batcher is None or state.bundle.calibration is None:
-        closing = state.batcher is not None and state.batcher.closing
-        raise ServiceError(503, "shutting_down" if closing else "not_ready", "the model is not ready", retry_after=1)
+        raise ServiceError(503, "not_ready", "the model is not loaded, warmed up and batching yet", retry_after=1)
+    state.inflight += 1
+    try:
+        return await _detect(request, state, t0, heatmaps, scores, alpha, timeout_ms)
+    finally:
+        state.inflight -= 1
+
+
+async def _detect(
+    request: Request, state: State, t0: float, heatmaps: str | None, scores: str | None, alpha: float | None, timeout_ms: float | None
+) -> JSONResponse:
+    assert state.bundle is not None and state.batcher is not None and state.bundle.calibration is not None
     stat = state.bundle.calibration.statistic
     score_names = tuple(dict.fromkeys((*_names(scores, SCORES, "scores", BASELINES), stat)))
     map_names = _names(heatmaps, HEATMAPS, "heatmaps", ())
     a = _alpha(state, alpha)
     uploads = await _uploads(request, state.settings)
     if len(uploads) > state.settings.max_images_per_request:
-        raise ServiceError(413, "payload_too_large", f"{len(uploads)} images, the limit is {state.settings.max_images_per_request} per request")
+        raise ServiceError(
+            413, "payload_too_large", f"{len(uploads)} images, the limit is {state.settings.max_images_per_request} per request"
+        )
     decoded = await _decode_all(uploads, state)
     if len(decoded) == 1 and isinstance(decoded[0], ServiceError):
         raise decoded[0]
@@ -233,7 +260,10 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> dict[str, str]:
     """Readiness: model loaded, warmed up, batcher running."""
-    if not _state(request).ready:
+    state = _state(request)
+    if state.closing:
+        raise ServiceError(503, "shutting_down", "the service is draining before it stops", retry_after=1)
+    if not state.ready:
         raise ServiceError(503, "not_ready", "the model is not loaded, warmed up and batching yet", retry_after=1)
     return {"status": "ready"}
 
@@ -268,7 +298,11 @@ async def model_info(request: Request) -> dict[str, Any]:
             "max_queue_images": s.max_queue_images,
             "request_timeout_ms": s.request_timeout_ms,
         },
-        "limits": {"max_body_bytes": s.max_body_bytes, "max_images_per_request": s.max_images_per_request, "max_image_pixels": s.max_image_pixels},
+        "limits": {
+            "max_body_bytes": s.max_body_bytes,
+            "max_images_per_request": s.max_images_per_request,
+            "max_image_pixels": s.max_image_pixels,
+        },
     }
 
 

@@ -58,7 +58,9 @@ def lifespan_for(settings: Settings, bundle: Bundle | None) -> object:
             bundle.model.to(state.device)
         state.bundle = bundle or load_bundle(settings.model, state.device)
         if state.bundle.calibration is None:
-            raise RuntimeError(f"bundle {state.bundle.path} has no calibration.json; run `fisherguard calibrate --model {state.bundle.path}`")
+            raise RuntimeError(
+                f"bundle {state.bundle.path} has no calibration.json; run `fisherguard calibrate --model {state.bundle.path}`"
+            )
         detector = Detector(state.bundle, torch.device(state.device))
         _warm_up(detector, state.bundle)
         state.warmed = True

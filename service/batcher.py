@@ -53,8 +53,9 @@ class Batcher:
         self.task.add_done_callback(self._on_exit)
 
     def _on_exit(self, task: asyncio.Task[None]) -> None:
-        """If the loop ever dies (it should not), it is restarted; /readyz is 503 meanwhile."""
-        if not self.closing and not task.cancelled():
+        """If the loop ever ends while the service runs (it should not), it is restarted; /readyz
+        answers 503 until then."""
+        if not self.closing:
             self.restarts += 1
             self.start()
 
@@ -107,7 +108,9 @@ class Batcher:
                 self.metrics.dropped.labels("cancelled").inc()
             elif job.deadline <= now:
                 self.metrics.dropped.labels("deadline").inc()
-                job.future.set_result(ServiceError(503, "queue_timeout", "the request's deadline passed while it was queued", retry_after=1))
+                job.future.set_result(
+                    ServiceError(503, "queue_timeout", "the request's deadline passed while it was queued", retry_after=1)
+                )
             else:
                 job.started = now
                 batch.append(job)

@@ -34,7 +34,7 @@ def calibrate(
         data={
             "description": data.description + ", correctly classified images only",
             "sha256": data.sha256,
-            "images": int(len(data.y)),
+            "images": len(data.y),
             "correct": int(correct.sum()),
         },
         alpha=alpha,

@@ -33,14 +33,18 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     bundle = load_bundle(a.model, _device(a.device))
-    statistic = a.statistic or (bundle.calibration.statistic if bundle.calibration else bundle.card.get("decision_statistic", "sensitivity"))
+    statistic = a.statistic or (
+        bundle.calibration.statistic if bundle.calibration else bundle.card.get("decision_statistic", "sensitivity")
+    )
     c, h, w = bundle.input_shape
     data = load_dataset(a.data or _default_data(bundle.card), a.split, bundle.classes, (c, h, w))
     tail = a.tail or (bundle.calibration.tail if bundle.calibration else "one-sided")
     cal = calibrate(bundle, data, a.alpha, statistic, tail, a.batch_size, progress=sys.stderr.isatty())
     out = a.out or bundle.path / "calibration.json"
     cal.save(out)
-    print(f"wrote {out}: n = {cal.n} clean, correctly classified images of {data.description}; statistic {statistic} ({tail}), alpha {a.alpha}")
+    print(
+        f"wrote {out}: n = {cal.n} clean, correctly classified images of {data.description}; statistic {statistic} ({tail}), alpha {a.alpha}"
+    )
     return 0
 
 
@@ -55,7 +59,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     bundle = load_bundle(a.model, _device(a.device))
     data = load_dataset(a.data or _default_data(bundle.card), a.split, bundle.classes, bundle.input_shape)
-    report = evaluate(bundle, data, [parse_attack(s) for s in a.attacks.split(",")], a.limit, batch_size=a.batch_size, progress=sys.stderr.isatty())
+    report = evaluate(
+        bundle, data, [parse_attack(s) for s in a.attacks.split(",")], a.limit, batch_size=a.batch_size, progress=sys.stderr.isatty()
+    )
     write(report, a.out)
     print(markdown(report))
     return 0

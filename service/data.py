@@ -45,7 +45,9 @@ def _from_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError(f"{path}: expected keys x_test/y_test or test_jpeg/test_offsets/test_labels")
 
 
-def _from_folder(path: Path, classes: list[str], shape: tuple[int, int, int], resize: str, background: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _from_folder(
+    path: Path, classes: list[str], shape: tuple[int, int, int], resize: str, background: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DIR/<class name>/<image files>; class names as in the bundle card."""
     xs, ys = [], []
     for label, name in enumerate(classes):
@@ -57,7 +59,9 @@ def _from_folder(path: Path, classes: list[str], shape: tuple[int, int, int], re
     return torch.stack(xs), torch.tensor(ys)
 
 
-def load_dataset(path: Path, split: str, classes: list[str], shape: tuple[int, int, int], resize: str = "bilinear", background: int = 0) -> Dataset:
+def load_dataset(
+    path: Path, split: str, classes: list[str], shape: tuple[int, int, int], resize: str = "bilinear", background: int = 0
+) -> Dataset:
     """Loads the test images of an npz file or a class-folder tree and takes one half of the seeded split."""
     if path.is_dir():
         x, y = _from_folder(path, classes, shape, resize, background)
@@ -68,5 +72,9 @@ def load_dataset(path: Path, split: str, classes: list[str], shape: tuple[int, i
     if tuple(x.shape[1:]) != shape:
         raise ValueError(f"{path}: images are {tuple(x.shape[1:])}, the model takes {shape}")
     idx = split_indices(len(x), split)
-    desc = f"{path.name} test set, {split} half of numpy.random.default_rng(0).permutation({len(x)})" if split != "all" else f"{path.name} test set"
+    desc = (
+        f"{path.name} test set, {split} half of numpy.random.default_rng(0).permutation({len(x)})"
+        if split != "all"
+        else f"{path.name} test set"
+    )
     return Dataset(x[idx], y[idx], desc, digest)

@@ -78,7 +78,9 @@ def p_values(bundle: Bundle, scores: dict[str, float]) -> dict[str, float]:
     if cal is None:
         return {}
     return {
-        k: float(cal.p_value(k, to_log10(k, torch.tensor([v], dtype=torch.float64)).numpy())[0]) for k, v in scores.items() if k in cal.values
+        k: float(cal.p_value(k, to_log10(k, torch.tensor([v], dtype=torch.float64)).numpy())[0])
+        for k, v in scores.items()
+        if k in cal.values
     }
 
 

@@ -7,10 +7,10 @@ thresholds, the realised clean FPR, and the rate of attacks that succeed unflagg
 """
 
 import json
-from fractions import Fraction
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,13 @@ def _score_rows(cal: Calibration, clean: dict[str, np.ndarray], adv: dict[str, n
 
 
 def evaluate(
-    bundle: Bundle, data: Dataset, attack_list: Sequence[Attack], limit: int | None, alphas: Sequence[float] = (0.05, 0.01), batch_size: int = 64, progress: bool = False
+    bundle: Bundle,
+    data: Dataset,
+    attack_list: Sequence[Attack],
+    limit: int | None,
+    alphas: Sequence[float] = (0.05, 0.01),
+    batch_size: int = 64,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """The report: clean FPR per score, and per attack its success, distortion and detection rows."""
     cal = bundle.calibration
@@ -123,7 +129,9 @@ def evaluate(
         t0 = time.time()
         adv = attacks.quantise(_batched(attack.run, model, x, y, batch_size))
         with torch.no_grad():
-            adv_pred = torch.cat([model(adv[i : i + 256].to(next(model.parameters()).device)).argmax(1).cpu() for i in range(0, len(adv), 256)])
+            adv_pred = torch.cat(
+                [model(adv[i : i + 256].to(next(model.parameters()).device)).argmax(1).cpu() for i in range(0, len(adv), 256)]
+            )
         hit = adv_pred != y
         delta = (adv - x)[hit].flatten(1)
         adv_scores, _ = score_batches(model, adv[hit], names, cal.score_options, batch_size, progress)
@@ -144,12 +152,28 @@ def evaluate(
 
 
 def markdown(report: dict[str, Any], alphas: Sequence[float] = (0.05, 0.01)) -> str:
-    lines = [f"# Detection report: {report['bundle']['name']}", "", f"Data: {report['data']}; clean evaluation images: {report['clean']['n']}; attacked: {report['attacked_images']}.", ""]
+    lines = [
+        f"# Detection report: {report['bundle']['name']}",
+        "",
+        f"Data: {report['data']}; clean evaluation images: {report['clean']['n']}; attacked: {report['attacked_images']}.",
+        "",
+    ]
     lines += [f"Decision statistic: `{report['calibration']['statistic']}` (calibration n = {report['calibration']['n']}).", ""]
     for name, a in report["attacks"].items():
         d = a["decision"]
-        lines += [f"## {name}", "", f"success {a['success_rate']:.3f} ({a['n_successful']} images), median L2 {a['median_l2'] or float('nan'):.3f}, median L∞ {a['median_linf'] or float('nan'):.3f}", ""]
-        lines += ["Decision (" + report["calibration"]["tail"] + "): " + ", ".join(f"TPR@{al} {d[f'tpr@{al}']:.3f} (clean FPR {d[f'fpr@{al}']:.3f})" for al in alphas), ""]
+        lines += [
+            f"## {name}",
+            "",
+            f"success {a['success_rate']:.3f} ({a['n_successful']} images), median L2 {a['median_l2'] or float('nan'):.3f}, median L∞ {a['median_linf'] or float('nan'):.3f}",
+            "",
+        ]
+        lines += [
+            "Decision ("
+            + report["calibration"]["tail"]
+            + "): "
+            + ", ".join(f"TPR@{al} {d[f'tpr@{al}']:.3f} (clean FPR {d[f'fpr@{al}']:.3f})" for al in alphas),
+            "",
+        ]
         head = "| score | AUC [95% CI] | " + " | ".join(f"TPR@{al} | FPR@{al}" for al in alphas) + " |"
         lines += [head, "|" + "---|" * (2 + 2 * len(alphas))]
         for s, r in sorted(a["scores"].items(), key=lambda kv: -kv[1]["auc"]):

@@ -14,17 +14,28 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("fisherguard_requests", "HTTP requests by route and status code", ["route", "status"], registry=r)
-        self.request_seconds = Histogram("fisherguard_request_duration_seconds", "HTTP request duration", ["route"], buckets=LATENCY, registry=r)
+        self.request_seconds = Histogram(
+            "fisherguard_request_duration_seconds", "HTTP request duration", ["route"], buckets=LATENCY, registry=r
+        )
         self.errors = Counter("fisherguard_errors", "Error responses and failed image slots by machine code", ["code"], registry=r)
-        self.images = Counter("fisherguard_images_scored", "Images that went through the Fisher engine, by outcome", ["outcome"], registry=r)
+        self.images = Counter(
+            "fisherguard_images_scored", "Images that went through the Fisher engine, by outcome", ["outcome"], registry=r
+        )
         self.flagged = Counter("fisherguard_images_flagged", "Images flagged as likely adversarial", registry=r)
         self.batches = Counter("fisherguard_batches", "Batches run by the engine", registry=r)
         self.batch_size = Histogram("fisherguard_batch_size_images", "Images per engine batch", buckets=BATCH, registry=r)
         self.queue_depth = Gauge("fisherguard_queue_depth_images", "Images waiting in the batching queue", registry=r)
-        self.queue_wait = Histogram("fisherguard_queue_wait_seconds", "Time an image waited before its batch started", buckets=LATENCY, registry=r)
+        self.queue_wait = Histogram(
+            "fisherguard_queue_wait_seconds", "Time an image waited before its batch started", buckets=LATENCY, registry=r
+        )
         self.compute_seconds = Histogram("fisherguard_compute_seconds", "Engine time per batch", buckets=LATENCY, registry=r)
         self.dropped = Counter("fisherguard_images_dropped", "Queued images dropped before compute, by reason", ["reason"], registry=r)
-        self.p_value = Histogram("fisherguard_decision_p_value", "Conformal p-value of the decision statistic (flat under clean traffic)", buckets=P_VALUE, registry=r)
+        self.p_value = Histogram(
+            "fisherguard_decision_p_value",
+            "Conformal p-value of the decision statistic (flat under clean traffic)",
+            buckets=P_VALUE,
+            registry=r,
+        )
         self.model = Info("fisherguard_model", "The served model", registry=r)
         self.ready = Gauge("fisherguard_model_ready", "1 when the model is loaded, warmed up and the batcher runs", registry=r)
         self.gpu_memory = Gauge("fisherguard_gpu_memory_allocated_bytes", "GPU memory allocated by torch", registry=r)

@@ -1,10 +1,17 @@
 import io
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
+import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -41,3 +48,33 @@ def client(mnist: Bundle) -> Iterator[TestClient]:
     settings = Settings(device="cpu", max_body_bytes=200_000, max_images_per_request=8)
     with TestClient(create_app(settings, bundle=mnist)) as c:
         yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """The app under a real uvicorn on a loopback port, in a thread; yields the base URL once ready."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/readyz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    else:
+        raise RuntimeError("the test server did not become ready in 60 s")
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

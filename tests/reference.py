@@ -42,22 +42,24 @@ def reference(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
         evals, evecs = torch.linalg.eigh(gx)
         var = p[y] * log_1mp[y].exp()
         c, h, w = xn.shape[1:]
-        rows.append({
-            "confidence": p[y].detach(),
-            "entropy": -(p * log_p).sum().detach(),
-            "margin": s.detach(),
-            "sensitivity": ds @ ds,
-            "fisher_input_binary": var.detach() * (ds @ ds),
-            "fisher_input_trace": torch.trace(gx).detach(),
-            "fisher_input_eig": evals[-1].detach(),
-            "fisher_param_binary": var.detach() * (dst @ dst),
-            "fisher_param_trace": torch.trace(ft).detach(),
-            "fisher_form": (v @ ft @ v / (v @ v)).detach(),
-            "saliency": (ds**2).view(c, h, w).sum(0),
-            "fisher_diag": torch.diagonal(gx).detach().view(c, h, w).sum(0),
-            "eigvec": evecs[:, -1].abs().detach().view(c, h, w).sum(0),
-            "fis": fis_reference(m, xn, y, v).view(c, h, w).sum(0),
-        })
+        rows.append(
+            {
+                "confidence": p[y].detach(),
+                "entropy": -(p * log_p).sum().detach(),
+                "margin": s.detach(),
+                "sensitivity": ds @ ds,
+                "fisher_input_binary": var.detach() * (ds @ ds),
+                "fisher_input_trace": torch.trace(gx).detach(),
+                "fisher_input_eig": evals[-1].detach(),
+                "fisher_param_binary": var.detach() * (dst @ dst),
+                "fisher_param_trace": torch.trace(ft).detach(),
+                "fisher_form": (v @ ft @ v / (v @ v)).detach(),
+                "saliency": (ds**2).view(c, h, w).sum(0),
+                "fisher_diag": torch.diagonal(gx).detach().view(c, h, w).sum(0),
+                "eigvec": evecs[:, -1].abs().detach().view(c, h, w).sum(0),
+                "fis": fis_reference(m, xn, y, v).view(c, h, w).sum(0),
+            }
+        )
     return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
 
 

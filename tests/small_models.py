@@ -13,9 +13,18 @@ class MLP(nn.Sequential):
 class BNCNN(nn.Sequential):
     def __init__(self, c: int = 3, hw: int = 8, k: int = 6) -> None:
         super().__init__(
-            nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(),
-            nn.Conv2d(4, 6, 3, stride=2), nn.BatchNorm2d(6), nn.Softplus(),
-            nn.AvgPool2d(2), nn.Flatten(), nn.LazyLinear(12), nn.BatchNorm1d(12), nn.Softplus(), nn.Linear(12, k),
+            nn.Conv2d(c, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.Softplus(),
+            nn.Conv2d(4, 6, 3, stride=2),
+            nn.BatchNorm2d(6),
+            nn.Softplus(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.LazyLinear(12),
+            nn.BatchNorm1d(12),
+            nn.Softplus(),
+            nn.Linear(12, k),
         )
         self(torch.zeros(2, c, hw, hw))  # materialise the lazy layer
 

@@ -73,7 +73,11 @@ def test_alpha_override_changes_only_the_threshold(client: TestClient, digits) -
 
 def test_multipart_many_files_one_bad(client: TestClient, digits) -> None:  # type: ignore[no-untyped-def]
     x, y = digits
-    files = [("file", ("a.png", png(x[0]), "image/png")), ("file", ("bad.png", b"not an image", "image/png")), ("file", ("c.png", png(x[2], "RGB"), "image/png"))]
+    files = [
+        ("file", ("a.png", png(x[0]), "image/png")),
+        ("file", ("bad.png", b"not an image", "image/png")),
+        ("file", ("c.png", png(x[2], "RGB"), "image/png")),
+    ]
     r = client.post("/v1/detect", files=files)
     assert r.status_code == 200
     res = r.json()["results"]
@@ -113,7 +117,9 @@ def test_errors(client: TestClient, digits) -> None:  # type: ignore[no-untyped-
     x, _ = digits
     assert "cannot decode" in _error(client.post("/v1/detect", content=b"hello", headers=PNG), 400, "bad_image")
     assert "0 bytes" in _error(client.post("/v1/detect", content=b"", headers=PNG), 400, "bad_image")
-    assert "text/plain" in _error(client.post("/v1/detect", content=b"hi", headers={"content-type": "text/plain"}), 415, "unsupported_media_type")
+    assert "text/plain" in _error(
+        client.post("/v1/detect", content=b"hi", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"
+    )
     assert "'nope'" in _error(client.post("/v1/detect?heatmaps=nope", content=png(x[0]), headers=PNG), 400, "bad_request")
     assert "'bogus'" in _error(client.post("/v1/detect?scores=bogus", content=png(x[0]), headers=PNG), 400, "bad_request")
     assert "0.9" in _error(client.post("/v1/detect?alpha=0.9", content=png(x[0]), headers=PNG), 422, "validation_error")

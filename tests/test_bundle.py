@@ -59,7 +59,7 @@ def test_refuses_a_calibration_made_for_other_weights(bundle_copy: Path) -> None
     cal = json.loads((bundle_copy / "calibration.json").read_text())
     cal["weights_sha256"] = "0" * 64
     (bundle_copy / "calibration.json").write_text(json.dumps(cal))
-    with pytest.raises(BundleError, match="was made for weights with sha256 0000.*recalibrate"):
+    with pytest.raises(BundleError, match=r"was made for weights with sha256 0000.*recalibrate"):
         load_bundle(bundle_copy)
 
 
@@ -67,7 +67,7 @@ def test_refuses_weights_that_do_not_match_the_card(bundle_copy: Path) -> None:
     data = bytearray((bundle_copy / "model.safetensors").read_bytes())
     data[-1] ^= 1
     (bundle_copy / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="card.json says"):
+    with pytest.raises(BundleError, match=r"card\.json says"):
         load_bundle(bundle_copy)
 
 

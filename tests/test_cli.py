@@ -30,7 +30,9 @@ def small_npz(tmp_path: Path) -> Path:
 def test_calibrate_writes_a_calibration_the_bundle_accepts(tmp_path: Path, small_npz: Path, mnist: Bundle) -> None:
     dst = tmp_path / "b"
     shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
-    assert main(["calibrate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--statistic", "margin", "--alpha", "0.1"]) == 0
+    assert (
+        main(["calibrate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--statistic", "margin", "--alpha", "0.1"]) == 0
+    )
     d = json.loads((dst / "calibration.json").read_text())
     assert d["n"] == 16 and d["alpha"] == 0.1 and d["decision"] == {"statistic": "margin", "tail": "two-sided"}
     assert d["weights_sha256"] == mnist.weights_sha256
@@ -45,7 +47,10 @@ def test_calibrate_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_evaluate_small(tmp_path: Path, small_npz: Path) -> None:
     out = tmp_path / "report"
-    assert main(["evaluate", "--model", "mnist", "--data", str(small_npz), "--split", "all", "--attacks", "pgd_linf:0.3", "--out", str(out)]) == 0
+    assert (
+        main(["evaluate", "--model", "mnist", "--data", str(small_npz), "--split", "all", "--attacks", "pgd_linf:0.3", "--out", str(out)])
+        == 0
+    )
     rep = json.loads((out / "report.json").read_text())
     a = rep["attacks"]["pgd_linf:0.3"]
     assert a["success_rate"] > 0.9 and a["median_linf"] <= 0.3 + 0.5 / 255 + 1e-6

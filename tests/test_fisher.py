@@ -195,9 +195,9 @@ def test_noise_kl_is_half_sigma_squared_trace_for_small_sigma() -> None:
 
 def test_unknown_names_raise_and_list_the_known_ones() -> None:
     model, shape = make("mlp")
-    with pytest.raises(ValueError, match="unknown score.*'bogus'.*fisher_form"):
+    with pytest.raises(ValueError, match=r"unknown score.*'bogus'.*fisher_form"):
         compute(model, torch.rand(1, *shape), ["bogus"])
-    with pytest.raises(ValueError, match="unknown heatmap.*known heatmaps"):
+    with pytest.raises(ValueError, match=r"unknown heatmap.*known heatmaps"):
         compute(model, torch.rand(1, *shape), [], ["nope"])
 
 

@@ -20,9 +20,17 @@ def build() -> nn.Module:
     """(N, 1, 28, 28) images in [0, 1] -> (N, 10) logits."""
     return nn.Sequential(
         Normalize(MEAN, STD),
-        nn.Conv2d(1, 32, 5, padding=2), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # (N, 32, 14, 14)
-        nn.Conv2d(32, 64, 5, padding=2), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),  # (N, 64, 7, 7)
+        nn.Conv2d(1, 32, 5, padding=2),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (N, 32, 14, 14)
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (N, 64, 7, 7)
         nn.Flatten(),  # (N, 3136)
-        nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.25),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Dropout(0.25),
         nn.Linear(128, 10),  # (N, 10)
     )

@@ -182,9 +182,7 @@ def _forward(model: nn.Module, x: Tensor, want_tape: bool) -> tuple[Tensor, pers
     return model(x), None
 
 
-def _compute_chunk(
-    model: nn.Module, x: Tensor, scores: Sequence[str], heatmaps: Sequence[str], opts: Options
-) -> FisherResult:
+def _compute_chunk(model: nn.Module, x: Tensor, scores: Sequence[str], heatmaps: Sequence[str], opts: Options) -> FisherResult:
     wanted = set(scores) | set(heatmaps)
     need_s = bool(wanted & (_S_INPUT | _S_PARAM))
     need_cls = bool(wanted & (_CLASS_INPUT | _CLASS_PARAM))
@@ -234,11 +232,13 @@ def _normalise(cot: Tensor) -> tuple[Tensor, Tensor]:
     return (cot / scale[:, :, None]).float(), scale
 
 
-def _backward(z: Tensor, inputs: list[Tensor], cot: Tensor) -> list[Tensor]:
-    """VJPs of m cotangents (m, N, K) to each input, batched over m. -> [(m, *input.shape)]."""
-    if cot.shape[0] == 1:
-        return [g[None] for g in torch.autograd.grad(z, inputs, cot[0], retain_graph=True)]
-    return list(torch.autograd.grad(z, inputs, cot, retain_graph=True, is_grads_batched=True))
+def _backward(z: Tensor, inputs: list[Tensor], cot: Tensor) -> list[list[Tensor]]:
+    """VJPs of m cotangents (m, N, K) to each input: out[j][i] has input i's shape. Small batches
+    vmap over the cotangents (one batched backward); larger ones loop, which is faster there."""
+    if cot.shape[0] > 1 and z.shape[0] < 4:
+        batched = torch.autograd.grad(z, inputs, cot, retain_graph=True, is_grads_batched=True)
+        return [[g[j] for g in batched] for j in range(cot.shape[0])]
+    return [list(torch.autograd.grad(z, inputs, c, retain_graph=True)) for c in cot]
 
 
 def _gradient_scores(
@@ -270,12 +270,19 @@ def _gradient_scores(
     var = basics.bernoulli_variance(s)  # (N,)
     pk = p.gather(1, classes).T if classes is not None else None  # (m, N) probabilities of the chosen classes
     if need_x:
-        gx = grads.pop(0).double().flatten(2) * scale[:, :, None]  # (m, N, D)
+        gx = torch.stack([g.pop(0) for g in grads]).double().flatten(2) * scale[:, :, None]  # (m, N, D)
         _input_scores(model, x, z, p, gx, pk, var, wanted, need_s, use_lanczos, opts, out)
     if need_theta:
-        gram = persample.param_gram(tape, grads) if tape is not None else functional.param_gram(model, x.detach(), cot)
-        gram = gram.detach().double() * scale.T[:, :, None] * scale.T[:, None, :]  # (N, m, m)
-        _param_scores(gram, pk, var, wanted, need_s, out)
+        ref = (1 if need_s else 0) if classes is not None else None  # the row of ŷ, for fisher_form
+        if tape is not None:
+            diag, cross = persample.param_products(tape, grads, ref)
+        else:
+            gram = functional.param_gram(model, x.detach(), cot)  # (N, m, m)
+            diag, cross = gram.diagonal(dim1=1, dim2=2), (gram[:, :, ref] if ref is not None else None)
+        sc = scale.T.double()  # (N, m)
+        diag = diag.detach().double() * sc * sc
+        cross = cross.detach().double() * sc * sc[:, ref : ref + 1] if cross is not None and ref is not None else None
+        _param_scores(diag, cross, pk, var, wanted, need_s, out)
 
 
 def _input_scores(
@@ -322,7 +329,7 @@ def _fisher_matvec(model: nn.Module, x: Tensor, z: Tensor, p: Tensor):  # type: 
     pf = p.float()
 
     def matvec(v: Tensor) -> Tensor:
-        _, jv = torch.func.jvp(model, (xd,), (v.float().view_as(xd),))  # (N, K)
+        jv = torch.func.jvp(model, (xd,), (v.float().view_as(xd),))[1]  # (N, K)
         av = pf * jv - pf * (pf * jv).sum(1, keepdim=True)  # A J v
         (gv,) = torch.autograd.grad(z, x, av, retain_graph=True)
         return gv.double().flatten(1)
@@ -330,17 +337,21 @@ def _fisher_matvec(model: nn.Module, x: Tensor, z: Tensor, p: Tensor):  # type: 
     return matvec
 
 
-def _param_scores(gram: Tensor, pk: Tensor | None, var: Tensor, wanted: set[str], need_s: bool, out: FisherResult) -> None:
-    """From the per-sample parameter Gram (N, m, m): entry 0 is ∇_θ s when need_s, then ∇_θ log p_k."""
+def _param_scores(
+    diag: Tensor, cross: Tensor | None, pk: Tensor | None, var: Tensor, wanted: set[str], need_s: bool, out: FisherResult
+) -> None:
+    """From per-sample ‖∇_θ c_j·z‖² (N, m) and ⟨∇_θ c_j·z, ∇_θ log p̂⟩ (N, m): row 0 is s when need_s,
+    then log p_k for the chosen classes (ŷ first)."""
     if need_s:
-        out.scores["fisher_param_binary"] = var * gram[:, 0, 0]
-    if pk is None:
+        out.scores["fisher_param_binary"] = var * diag[:, 0]
+    if pk is None or cross is None:
         return
-    g = gram[:, 1:, 1:] if need_s else gram  # (N, m, m), class 0 is ŷ
-    out.scores["fisher_param_trace"] = torch.einsum("kn,nkk->n", pk, g)  # Σ_k p_k ‖∇_θ log p_k‖²
+    first = 1 if need_s else 0
+    d, c = diag[:, first:], cross[:, first:]  # (N, m)
+    out.scores["fisher_param_trace"] = (pk.T * d).sum(1)  # Σ_k p_k ‖∇_θ log p_k‖²
     if "fisher_form" in wanted:
-        vv = g[:, 0, 0]  # ‖v‖², v = ∇_θ log p̂
-        form = torch.einsum("kn,nk->n", pk, g[:, :, 0] ** 2)  # vᵀ F v = Σ_k p_k ⟨∇ log p_k, v⟩²
+        vv = d[:, 0]  # ‖v‖², v = ∇_θ log p̂
+        form = (pk.T * c * c).sum(1)  # vᵀ F v = Σ_k p_k ⟨∇ log p_k, v⟩²
         out.scores["fisher_form"] = torch.where(vv > 0, form / vv.clamp_min(1e-300), torch.zeros_like(vv))
 
 
@@ -362,7 +373,7 @@ def fis(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
             outs = [st.o for st in tape.sites]
             *gs, ds = torch.autograd.grad(s.sum(), [*outs, x], create_graph=True)  # ∂s/∂o_l, ∂s/∂x
             k = sum(
-                (persample.layer_gram(st.module, st.a, g[None], st.a.detach(), g.detach()[None])[:, 0, 0] for st, g in zip(tape.sites, gs, strict=True)),
+                (persample.layer_inner(st.module, st.a, g, st.a.detach(), g.detach()) for st, g in zip(tape.sites, gs, strict=True)),
                 torch.zeros(()),
             )  # (N,) k̃ = ⟨∇_θ s(x), w⟩
             (dk,) = torch.autograd.grad(k.sum(), x)
@@ -386,9 +397,9 @@ def _image_seed(x1: Tensor) -> int:
 @torch.no_grad()
 def noise_kl(model: nn.Module, x: Tensor, log_p: Tensor, sigma: float, samples: int) -> Tensor:
     """(1/M) Σ_m KL(p(x) ‖ p(clip₀¹(x + σ η_m))), η_m ~ N(0, I) seeded per image. -> (N,) float64."""
-    noise = torch.stack(
-        [torch.randn((samples, *x.shape[1:]), generator=torch.Generator().manual_seed(_image_seed(x1))) for x1 in x]
-    ).to(x.device)  # (N, M, C, H, W)
+    noise = torch.stack([torch.randn((samples, *x.shape[1:]), generator=torch.Generator().manual_seed(_image_seed(x1))) for x1 in x]).to(
+        x.device
+    )  # (N, M, C, H, W)
     xs = (x.detach()[:, None] + sigma * noise).clamp(0.0, 1.0).flatten(0, 1)  # (N·M, C, H, W)
     log_q = torch.log_softmax(model(xs).double(), dim=1).view(len(x), samples, -1)  # (N, M, K)
     return (log_p.exp()[:, None] * (log_p[:, None] - log_q)).sum(2).mean(1)

@@ -32,7 +32,7 @@ def param_gram(model: nn.Module, x: Tensor, cotangents: Tensor) -> Tensor:
     logits = _logits_fn(model, rest)
 
     def per_sample(x1: Tensor, cot1: Tensor) -> Tensor:  # cot1 (m, K)
-        _, pullback = vjp(lambda p: logits(p, x1), params)
+        pullback = vjp(lambda p: logits(p, x1), params)[1]
         g = vmap(pullback)(cot1)[0]  # name -> (m, *shape)
         flat = torch.cat([t.flatten(1) for t in g.values()], dim=1)  # (m, P)
         return flat @ flat.T  # (m, m)

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -75,75 +75,101 @@ def record(model: nn.Module, protect: bool = False) -> Iterator[Tape]:
             h.remove()
 
 
-def _conv_features(m: nn.Conv2d, a: Tensor, g: Tensor) -> list[Tensor]:
-    """Per-sample conv weight and bias gradients. a (N, C, H, W), g (m, N, O, H', W') -> [(m, N, F)]."""
-    u = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C·kh·kw, T)
-    gt = g.flatten(3)  # (m, N, O, T)
-    feats = [torch.einsum("jnot,nct->jnoc", gt, u).flatten(2)]  # (m, N, O·C·kh·kw)
-    if m.bias is not None:
-        feats.append(gt.sum(3))  # (m, N, O)
-    return feats
-
-
-def _bn_features(m: nn.Module, a: Tensor, g: Tensor) -> list[Tensor]:
-    """Per-sample BatchNorm γ, β gradients (eval statistics). a (N, C, ...), g (m, N, C, ...)."""
+def _prepare(m: nn.Module, a: Tensor) -> Tensor:
+    """What the per-sample gradients need of the layer input, computed once per layer."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        return a if a.dim() == 2 or isinstance(m, nn.Conv2d) else a.flatten(1, -2)  # conv (N, C, H, W); linear (N, I) or (N, T, I)
     assert isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+    assert m.running_mean is not None and m.running_var is not None, "BatchNorm without running statistics"
     shape = (1, -1) + (1,) * (a.dim() - 2)
-    mean, var = m.running_mean, m.running_var
-    assert mean is not None and var is not None, "BatchNorm without running statistics"
-    xhat = (a - mean.view(shape)) / torch.sqrt(var.view(shape) + m.eps)  # (N, C, ...)
-    dims = tuple(range(3, g.dim()))
+    return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)  # x̂ (N, C, ...)
+
+
+def conv_persample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
+    """Σ_t g_t â_tᵀ per sample, as the weight gradient of a grouped convolution with one group per
+    sample (native kernels; an unfold + bmm is several times slower). a (N, C, H, W), g (N, O, H', W')
+    -> (N, O, C, kh, kw)."""
+    n, c = a.shape[:2]
+    o = g.shape[1]
+    w = conv2d_weight(
+        a.reshape(1, n * c, *a.shape[2:]),
+        (n * o, c, *m.kernel_size),
+        g.reshape(1, n * o, *g.shape[2:]),
+        stride=m.stride,
+        padding=m.padding,
+        dilation=m.dilation,
+        groups=n,  # type: ignore[arg-type]
+    )
+    return w.view(n, o, c, *m.kernel_size)
+
+
+def _features(m: nn.Module, pre: Tensor, g: Tensor) -> list[Tensor]:
+    """Per-sample weight (and bias) gradients for one cotangent, flattened. g (N, ...) -> [(N, F)]."""
+    if isinstance(m, nn.Conv2d):
+        feats = [conv_persample_weight_grad(m, pre, g).flatten(1)]  # (N, O·C·kh·kw)
+        return feats + ([g.sum((2, 3))] if m.bias is not None else [])
+    if isinstance(m, nn.Linear):
+        g2 = g.flatten(1, -2)  # (N, T, O)
+        feats = [torch.bmm(g2.transpose(1, 2), pre).flatten(1)]  # (N, O·I)
+        return feats + ([g2.sum(1)] if m.bias is not None else [])
+    dims = tuple(range(2, g.dim()))
     feats = []
     if m.weight is not None and m.weight.requires_grad:
-        feats.append((g * xhat).sum(dims) if dims else g * xhat)  # (m, N, C)
+        feats.append((g * pre).sum(dims) if dims else g * pre)  # γ: (N, C)
     if m.bias is not None and m.bias.requires_grad:
-        feats.append(g.sum(dims) if dims else g)
+        feats.append(g.sum(dims) if dims else g)  # β: (N, C)
     return feats
 
 
-def _linear_features(m: nn.Linear, a: Tensor, g: Tensor) -> list[Tensor]:
-    """Per-sample Linear gradients for inputs with extra dims. a (N, T.., I), g (m, N, T.., O)."""
-    a2, g2 = a.flatten(1, -2), g.flatten(2, -2)  # (N, T, I), (m, N, T, O)
-    feats = [torch.einsum("jnto,nti->jnoi", g2, a2).flatten(2)]
-    if m.bias is not None:
-        feats.append(g2.sum(2))
-    return feats
+def _conv_inner(m: nn.Conv2d, a1: Tensor, g1: Tensor, w2: Tensor) -> Tensor:
+    """⟨Σ_t g1_t â1_tᵀ, W2⟩ = ⟨g1, conv(a1; W2)⟩ per sample: a grouped forward convolution with the
+    per-sample weights W2 (N, O, C, kh, kw); differentiable in a1 and g1. -> (N,)."""
+    n, c = a1.shape[:2]
+    out = torch.nn.functional.conv2d(
+        a1.reshape(1, n * c, *a1.shape[2:]), w2.reshape(-1, c, *m.kernel_size), None, m.stride, m.padding, m.dilation, groups=n
+    )
+    return (g1 * out.view_as(g1)).flatten(1).sum(1)
 
 
-def _features(m: nn.Module, a: Tensor, g: Tensor) -> list[Tensor]:
+def _dot(f1: list[Tensor], f2: list[Tensor]) -> Tensor:
+    """Σ over feature tensors of the per-sample inner product. -> (N,)."""
+    return sum(((x * y).sum(1) for x, y in zip(f1, f2, strict=True)), torch.zeros(()))
+
+
+def _ghost(m: nn.Module, a: Tensor) -> bool:
+    return isinstance(m, nn.Linear) and a.dim() == 2
+
+
+def layer_inner(m: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor) -> Tensor:
+    """⟨∇_W(a1, g1), ∇_W(a2, g2)⟩ per sample for one layer, differentiable in all four. -> (N,)."""
+    if _ghost(m, a1):
+        return (g1 * g2).sum(1) * ((a1 * a2).sum(1) + (1.0 if m.bias is not None else 0.0))  # ghost norm
     if isinstance(m, nn.Conv2d):
-        return _conv_features(m, a, g)
-    if isinstance(m, nn.Linear):
-        return _linear_features(m, a, g)
-    return _bn_features(m, a, g)
+        inner = _conv_inner(m, a1, g1, conv_persample_weight_grad(m, a2, g2))
+        return inner + ((g1.sum((2, 3)) * g2.sum((2, 3))).sum(1) if m.bias is not None else 0.0)
+    return _dot(_features(m, _prepare(m, a1), g1), _features(m, _prepare(m, a2), g2))
 
 
-def _gram(f1: list[Tensor], f2: list[Tensor]) -> Tensor:
-    """Σ over feature tensors of ⟨f1_i, f2_j⟩ per sample. [(m1, N, F)], [(m2, N, F)] -> (N, m1, m2)."""
-    return sum((torch.einsum("inf,jnf->nij", x, y) for x, y in zip(f1, f2, strict=True)), torch.zeros(()))
-
-
-def layer_gram(m: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor) -> Tensor:
-    """⟨∇_W(a1, g1_i), ∇_W(a2, g2_j)⟩ per sample for one layer. g: (m, N, ...) -> (N, m1, m2)."""
-    if isinstance(m, nn.Linear) and a1.dim() == 2:
-        gg = torch.einsum("ino,jno->nij", g1, g2)  # (N, m1, m2)
-        aa = (a1 * a2).sum(1) + (1.0 if m.bias is not None else 0.0)  # (N,) ghost norm, bias adds 1
-        return gg * aa[:, None, None]
-    same = a1 is a2 and g1 is g2
-    f1 = _features(m, a1, g1)
-    return _gram(f1, f1 if same else _features(m, a2, g2))
-
-
-def param_gram(tape: Tape, grads: list[Tensor]) -> Tensor:
-    """Per-sample Gram of whole-model parameter gradients for m cotangents. -> (N, m, m)."""
-    return sum((layer_gram(s.module, s.a, g, s.a, g) for s, g in zip(tape.sites, grads, strict=True)), torch.zeros(()))
-
-
-def output_grads(tape: Tape, z: Tensor, cotangents: Tensor, create_graph: bool = False) -> list[Tensor]:
-    """∂(cotangent·z)/∂o for every recorded layer output, batched over m cotangents. (m, N, K) -> [(m, N, ...)]."""
-    outs = [s.o for s in tape.sites]
-    if cotangents.shape[0] == 1:
-        grads = torch.autograd.grad(z, outs, cotangents[0], retain_graph=True, create_graph=create_graph)
-        return [g[None] for g in grads]
-    grads = torch.autograd.grad(z, outs, cotangents, retain_graph=True, is_grads_batched=True)
-    return list(grads)
+def param_products(tape: Tape, grads: list[list[Tensor]], ref: int | None) -> tuple[Tensor, Tensor | None]:
+    """For m cotangents (grads[j][l]: layer l's output gradient for cotangent j), per sample:
+    diag (N, m) = ‖∇_θ_j‖² and, when ref is given, cross (N, m) = ⟨∇_θ_j, ∇_θ_ref⟩."""
+    m = len(grads)
+    diag: list[Tensor] = [torch.zeros(())] * m
+    cross: list[Tensor] = [torch.zeros(())] * m
+    for layer, site in enumerate(tape.sites):
+        mod, a = site.module, site.a
+        gs = [g[layer] for g in grads]
+        if _ghost(mod, a):
+            aa = (a * a).sum(1) + (1.0 if mod.bias is not None else 0.0)  # (N,)
+            for j, g in enumerate(gs):
+                diag[j] = diag[j] + (g * g).sum(1) * aa
+                if ref is not None:
+                    cross[j] = cross[j] + (g * gs[ref]).sum(1) * aa
+            continue
+        pre = _prepare(mod, a)
+        feats = [_features(mod, pre, g) for g in gs]
+        for j, f in enumerate(feats):
+            diag[j] = diag[j] + _dot(f, f)
+            if ref is not None:
+                cross[j] = cross[j] + _dot(f, feats[ref])
+    return torch.stack(diag, 1), (torch.stack(cross, 1) if ref is not None else None)

@@ -26,7 +26,7 @@ def lanczos_top(matvec: Callable[[Tensor], Tensor], v0: Tensor, steps: int) -> t
     matvec maps (N, D) -> (N, D), one symmetric operator per row; v0 (N, D) the start vectors.
     Returns λ_max (N,) and the unit Ritz vector (N, D). Exact after rank + 1 steps.
     """
-    n, d = v0.shape
+    d = v0.shape[1]
     steps = min(steps, d)
     q = v0 / v0.norm(dim=1, keepdim=True)
     basis = [q]

@@ -1,0 +1,196 @@
+"""Container, Compose, Kubernetes, Prometheus and Grafana files, checked by the real tools that run here."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from service.app import create_app
+from service.bundle import Bundle
+from service.settings import Settings
+from tests.conftest import free_port, png, serving
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+
+
+def tool(name: str) -> str:
+    """The path of a command-line tool; CI must have it (.ci/run installs it), elsewhere the test skips."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run installs Debian's prometheus package")
+        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def live(mnist: Bundle) -> Iterator[str]:
+    with serving(create_app(Settings(device="cpu"), bundle=mnist)) as base:
+        yield base
+
+
+def exported_names(base: str, digits) -> set[str]:  # type: ignore[no-untyped-def]
+    x, _ = digits
+    httpx.post(base + "/v1/detect", content=png(x[0]), headers={"content-type": "image/png"})
+    httpx.post(base + "/v1/detect", content=b"junk", headers={"content-type": "image/png"})
+    text = httpx.get(base + "/metrics").text
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("fisherguard_")}
+
+
+def test_promtool_accepts_the_config_and_rules() -> None:
+    promtool = tool("promtool")
+    subprocess.run([promtool, "check", "config", str(DOCKER / "prometheus.yml")], check=True, capture_output=True)
+    out = subprocess.run([promtool, "check", "rules", str(DOCKER / "alerts.yml")], check=True, capture_output=True, text=True)
+    assert "SUCCESS: 4 rules found" in out.stdout
+
+
+def test_alert_rules_name_exported_metrics(live: str, digits) -> None:  # type: ignore[no-untyped-def]
+    names = exported_names(live, digits)
+    rules = yaml.safe_load((DOCKER / "alerts.yml").read_text())["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} == {"FisherGuardNotReady", "FisherGuardHigh503Rate", "FisherGuardSlowP99", "FisherGuardFlagRateHigh"}
+    for r in rules:
+        for metric in re.findall(r"fisherguard_[a-z_]+", r["expr"]):
+            assert metric in names, (r["alert"], metric)
+
+
+def test_grafana_dashboard_queries_name_exported_metrics(live: str, digits) -> None:  # type: ignore[no-untyped-def]
+    names = exported_names(live, digits)
+    dash = json.loads((DOCKER / "grafana" / "dashboards" / "fisherguard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 12
+    for e in exprs:
+        metrics = re.findall(r"fisherguard_[a-z_]+", e)
+        assert metrics, e
+        for m in metrics:
+            assert m in names, (e, m)
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    for topic in ("status", "error", "latency", "batch", "queue", "503", "flag", "p-value", "model", "ready", "gpu"):
+        assert topic in titles, topic
+    prov = yaml.safe_load((DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert prov["datasources"][0]["uid"] == dash["panels"][0]["datasource"]["uid"]
+
+
+def test_a_real_prometheus_scrapes_the_service(live: str, tmp_path: Path) -> None:
+    prometheus = tool("prometheus")
+    cfg = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["global"]["evaluation_interval"] = "1s"
+    cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [live.removeprefix("http://")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    shutil.copy(DOCKER / "alerts.yml", tmp_path / "alerts.yml")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        result: list = []  # type: ignore[type-arg]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not result:
+            try:
+                result = httpx.get(api + "/query", params={"query": 'fisherguard_model_ready{job="fisherguard"}'}).json()["data"]["result"]
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        assert result and result[0]["value"][1] == "1"
+        info = httpx.get(api + "/query", params={"query": "fisherguard_model_info"}).json()["data"]["result"]
+        assert info[0]["metric"]["name"] == "mnist" and info[0]["metric"]["device"] == "cpu"
+        groups = httpx.get(api + "/rules").json()["data"]["groups"]
+        assert len(groups[0]["rules"]) == 4 and all(r["health"] != "err" for r in groups[0]["rules"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("path", sorted((DOCKER / "k8s").glob("*.yaml")), ids=lambda p: p.name)
+def test_kubernetes_manifests_validate(path: Path) -> None:
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc["kind"] == "Kustomization":
+            assert all((path.parent / r).is_file() for r in doc["resources"])
+        elif doc["kind"] == "PodMonitor":  # a CRD: no schema ships with kubernetes-validate
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            assert doc["spec"]["podMetricsEndpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s"}
+        else:
+            kubernetes_validate.validate(doc, "1.37.0", strict=True)
+
+
+def test_deployments_drain_within_their_grace_period() -> None:
+    for name in ("deployment.yaml", "deployment-gpu.yaml"):
+        d = yaml.safe_load((DOCKER / "k8s" / name).read_text())
+        pod = d["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        drain_s = float(env.get("FISHERGUARD_REQUEST_TIMEOUT_MS", Settings.model_fields["request_timeout_ms"].default)) / 1000 + 5
+        pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+        assert pod["terminationGracePeriodSeconds"] > pre_stop + drain_s
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert c["resources"]["limits"]
+    gpu = yaml.safe_load((DOCKER / "k8s" / "deployment-gpu.yaml").read_text())
+    assert gpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    hpa = yaml.safe_load((DOCKER / "k8s" / "hpa.yaml").read_text())
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "fisherguard_queue_depth_images"
+
+
+def test_dockerfile() -> None:
+    df = DockerfileParser(path=str(ROOT / "Dockerfile"))
+    froms = [i for i in df.structure if i["instruction"] == "FROM"]
+    assert len(froms) >= 2, "multi-stage"
+    args = {i["value"].split("=")[0] for i in df.structure if i["instruction"] == "ARG"}
+    assert {"BASE", "TORCH_INDEX", "TORCH_VERSION"} <= args
+    users = [i["value"] for i in df.structure if i["instruction"] == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    health = [i["value"] for i in df.structure if i["instruction"] == "HEALTHCHECK"]
+    assert health and "/healthz" in health[0]
+    assert json.loads(df.structure[-1]["value"]) == ["fisherguard", "serve"] and df.structure[-1]["instruction"] == "ENTRYPOINT"
+    assert "--workers" not in df.content
+    copied = " ".join(i["value"] for i in df.structure if i["instruction"] == "COPY")
+    assert "models" in copied and "service" in copied
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "tests"} <= set(ignore)
+
+
+def test_compose_files() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert set(compose["services"]) == {"fisherguard", "prometheus", "grafana"}
+    for svc in compose["services"].values():
+        for vol in svc.get("volumes", []):
+            assert (ROOT / vol.split(":")[0]).exists(), vol
+    env = compose["services"]["fisherguard"]["environment"]
+    assert set(env) <= {f"FISHERGUARD_{k.upper()}" for k in Settings.model_fields}
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+    assert gpu["services"]["fisherguard"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+@pytest.mark.slow
+def test_the_dockerfile_install_works_in_a_fresh_venv(tmp_path: Path) -> None:
+    """`pip install .` as the Dockerfile runs it (torch from this machine's local wheel instead of
+    the PyTorch index), then the console script and the shipped bundles work outside the repo."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True, cwd=tmp_path)
+    subprocess.run([*pip, str(ROOT)], check=True, cwd=tmp_path)
+    subprocess.run([str(venv / "bin" / "fisherguard"), "--help"], check=True, capture_output=True, cwd=tmp_path)
+    code = "from service.bundle import load_bundle; b = load_bundle('mnist'); print(b.path, b.calibration.n)"
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
+    assert "site-packages" in out and int(out.split()[-1]) > 4900
