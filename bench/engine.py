@@ -45,8 +45,9 @@ FLOOR_OF = {
     "eigvec": "fwd+K·bwd_x",
     "fisher_param_trace": "fwd+K·bwd_x,θ",
     "fisher_form": "fwd+K·bwd_x,θ",
-    "fisher_noise_kl": "forward",
+    "fisher_noise_kl": "M·forward",
 }
+NOISE_SAMPLES = 16
 
 
 def example_cnn() -> nn.Module:

@@ -206,7 +206,6 @@ def main() -> None:
             if batch == 32 and a.soak:
                 rss0 = rss_kb(proc.pid)
                 before = scrape(base)
-                per = max(1, a.soak // 64)
                 out = subprocess.run(
                     [
                         "wrk",
@@ -234,7 +233,6 @@ def main() -> None:
                     - before.get('fisherguard_requests_total{route="/v1/detect",status="200"}', 0),
                     "non2xx": res["non2xx"],
                     "timeouts": res["timeouts"],
-                    "per_connection": per,
                 }
                 print("soak", cfg["soak"])
         finally:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -25,7 +25,7 @@ from service.settings import Settings
 
 STATIC = __import__("pathlib").Path(__file__).parent / "static"
 BASELINES = ("confidence", "entropy", "margin")
-ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 413, 415, 422, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 403, 413, 415, 422, 503)}
 IMAGE_BODY = {
     "requestBody": {
         "required": True,
@@ -120,6 +120,8 @@ async def _decode_all(uploads: list[tuple[str | None, bytes]], state: State) -> 
     spec = state.bundle.card["input"]
 
     def one(data: bytes) -> torch.Tensor | ServiceError:
+        if len(data) > state.settings.max_image_bytes:
+            return ServiceError(413, "payload_too_large", f"image is {len(data)} bytes, the limit is {state.settings.max_image_bytes}")
         try:
             return images.decode(
                 data, c, h, w, spec.get("resize", "bilinear"), int(spec.get("background", 0)), state.settings.max_image_pixels
@@ -170,6 +172,8 @@ def _verdict(
     state.metrics.p_value.observe(p)
     if flagged:
         state.metrics.flagged.inc()
+    if not state.settings.expose_details:  # gradient information helps an adaptive attacker
+        shown, pv = {}, {}
     return {
         "index": index,
         "filename": filename,
@@ -221,6 +225,8 @@ async def _detect(
     stat = state.bundle.calibration.statistic
     score_names = tuple(dict.fromkeys((*_names(scores, SCORES, "scores", BASELINES), stat)))
     map_names = _names(heatmaps, HEATMAPS, "heatmaps", ())
+    if map_names and not state.settings.expose_details:
+        raise ServiceError(403, "forbidden", "this server does not return heatmaps (expose_details is off)")
     a = _alpha(state, alpha)
     uploads = await _uploads(request, state.settings)
     if len(uploads) > state.settings.max_images_per_request:
@@ -268,8 +274,13 @@ async def readyz(request: Request) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
     state = _state(request)
     if torch.cuda.is_available() and state.device.startswith("cuda"):
         state.metrics.gpu_memory.set(torch.cuda.memory_allocated())

@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.access import AccessControl
 from service.api import STATIC, State, router
 from service.batcher import Batcher
 from service.bundle import Bundle, load_bundle
@@ -119,7 +121,16 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     app.state.fg = State(settings, metrics)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    if settings.cors_origins.strip():
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+        )
+    app.add_middleware(AccessControl, settings=settings)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 401s too
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, e: ServiceError) -> JSONResponse:

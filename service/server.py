@@ -9,6 +9,7 @@ from types import FrameType
 
 import uvicorn
 
+from service.access import configure_logging
 from service.api import State
 from service.app import create_app
 from service.settings import Settings
@@ -52,7 +53,7 @@ def run(settings: Settings) -> None:
     uvicorn re-raises the signal it caught once it has shut down; a Python-level handler in place
     beforehand turns that into a no-op instead of killing the process with the signal's status.
     """
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     app = create_app(settings)

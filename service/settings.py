@@ -1,6 +1,7 @@
 """All service settings in one place, read once: flags of `fisherguard serve` override environment
 variables (FISHERGUARD_<NAME>), which override these defaults."""
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -23,9 +24,33 @@ class Settings(BaseSettings):
     # limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_images_per_request: int = Field(64, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="refused from the header, before decoding")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    # access
+    api_keys: str | None = Field(None, description="comma-separated API keys; then requests need `Authorization: Bearer <key>`")
+    api_keys_file: Path | None = Field(None, description="a file with one API key per line (blank lines and # comments ignored)")
+    public_paths: str = Field(
+        "/healthz,/readyz,/metrics,/,/static/,/docs,/openapi.json", description="open without a key (a trailing / opens a prefix)"
+    )
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
+    expose_details: bool = Field(True, description="return scores, p-values and heatmaps (gradient information an attacker can use)")
+    log_format: Literal["json", "text"] = "json"
     # decision
     alpha: float | None = Field(None, gt=0, lt=1, description="default α (else the calibration's)")
     min_alpha: float = Field(1e-4, gt=0, lt=1)
     max_alpha: float = Field(0.5, gt=0, lt=1)
     log_level: str = "info"
+
+    def keys(self) -> list[str]:
+        """The configured API keys (empty: no authentication)."""
+        keys = [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        return keys
+
+    def public(self, path: str) -> bool:
+        for p in (x.strip() for x in self.public_paths.split(",") if x.strip()):
+            if path == p or (p.endswith("/") and p != "/" and path.startswith(p)):
+                return True
+        return False

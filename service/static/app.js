@@ -3,9 +3,10 @@ const $ = (id) => document.getElementById(id);
 let result = null, image = null;
 
 function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; }
+function auth() { const k = $("key").value.trim(); return k ? { authorization: "Bearer " + k } : {}; }
 
 async function loadModel() {
-  const r = await fetch("/v1/model");
+  const r = await fetch("/v1/model", { headers: auth() });
   if (!r.ok) { $("model").textContent = "model not ready"; return; }
   const m = await r.json(), c = m.card, cal = m.calibration;
   $("model").textContent = `${c.name} v${c.version} on ${m.device} · test accuracy ${(100 * c.test_accuracy).toFixed(2)}% · ` +
@@ -15,7 +16,7 @@ async function loadModel() {
 async function detect(file) {
   showError("");
   const r = await fetch("/v1/detect?scores=all&heatmaps=fis,eigvec,fisher_diag,saliency", {
-    method: "POST", headers: { "content-type": file.type || "application/octet-stream" }, body: file });
+    method: "POST", headers: { "content-type": file.type || "application/octet-stream", ...auth() }, body: file });
   const body = await r.json();
   if (!r.ok) { showError(`${body.error.code}: ${body.error.message}`); return; }
   result = body.results[0];
@@ -83,4 +84,5 @@ drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.ad
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files[0]) detect(e.dataTransfer.files[0]); });
 window.addEventListener("paste", (e) => { const f = [...e.clipboardData.files][0]; if (f) detect(f); });
+$("key").addEventListener("change", loadModel);
 loadModel();

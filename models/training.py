@@ -1,0 +1,87 @@
+"""Shared training loop for the shipped bundles: one-cycle SGD, augmentation as a batch function,
+weights to safetensors and a card with the measured test accuracy."""
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
+    model.eval()
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    return correct / len(x)
+
+
+def fit(
+    model: nn.Module,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    augment: Augment,
+    epochs: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    weight_decay: float = 5e-4,
+    label_smoothing: float = 0.0,
+    bf16: bool = False,
+    decay_1d: bool = True,
+) -> float:
+    """Trains in place; returns the final test accuracy. data = (x_train, y_train, x_test, y_test).
+    decay_1d=False exempts biases and normalisation parameters from weight decay."""
+    x_train, y_train, x_test, y_test = data
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    decay = [p for p in model.parameters() if decay_1d or p.dim() > 1]
+    no_decay = [p for p in model.parameters() if not decay_1d and p.dim() <= 1]  # biases, BatchNorm γ and β
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=0.9, nesterov=True
+    )
+    steps = epochs * (len(x_train) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25)
+    acc = 0.0
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.time()
+        order = torch.randperm(len(x_train), generator=gen)
+        for i in range(len(x_train) // batch):
+            idx = order[i * batch : (i + 1) * batch]
+            xb = augment(x_train[idx], gen)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        acc = accuracy(model, x_test, y_test)
+        print(f"epoch {epoch + 1}/{epochs} loss {loss.item():.4f} test acc {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    return acc
+
+
+def save_bundle(model: nn.Module, out: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Writes model.safetensors and card.json (with parameter count and weights sha256)."""
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    card = card | {"param_count": sum(p.numel() for p in model.parameters()), "weights_sha256": sha256_file(weights)}
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card

@@ -1,0 +1,117 @@
+"""Schemathesis against the app's own OpenAPI schema: no 5xx, documented status codes, responses
+that match the schema. And a soak: 20,000 requests, good, bad and abandoned, nothing lost."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
+
+from service.app import create_app
+from service.bundle import Bundle
+from service.settings import Settings
+from tests.conftest import free_port, png, serving
+
+CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
+
+
+def test_openapi_conformance(mnist: Bundle) -> None:
+    """Every operation of the app's own schema, with generated parameters and bodies (schemathesis's
+    strategies under hypothesis; its pytest plugin does not load under this pytest)."""
+    with serving(create_app(Settings(device="cpu"), bundle=mnist)) as base:
+        schema = schemathesis.openapi.from_url(base + "/openapi.json")
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert {op.path for op in operations} >= {"/v1/detect", "/healthz", "/readyz", "/metrics", "/v1/model"}
+        for op in operations:
+
+            @given(case=op.as_strategy())
+            @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+            def check(case: schemathesis.Case) -> None:
+                response = case.call()
+                case.validate_response(response, checks=CHECKS)
+                if response.status_code >= 500:  # only the designed 503s, with their code and Retry-After
+                    assert response.status_code == 503 and response.headers.get("retry-after"), response.text
+                    assert response.json()["error"]["code"] in {"overloaded", "queue_timeout", "not_ready", "shutting_down"}
+
+            check()
+
+
+def _rss_kb(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1])
+
+
+async def _one(host: str, port: int, body: bytes, abandon: bool) -> int:
+    """One request on its own connection; an abandoned one closes before reading the answer."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nConnection: close\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    if abandon:
+        writer.close()
+        return 0
+    data = await reader.read()
+    writer.close()
+    return int(data.split(b" ", 2)[1])
+
+
+async def _soak(host: str, port: int, bodies: list[bytes], total: int, concurrency: int) -> list[int]:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def run(i: int) -> int:
+        async with sem:
+            return await asyncio.wait_for(_one(host, port, bodies[i % len(bodies)], abandon=i % 50 == 49), 120)
+
+    return list(await asyncio.gather(*(run(i) for i in range(total))))
+
+
+def _metric(base: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(base + "/metrics").text.splitlines() if line.startswith(prefix))
+
+
+@pytest.mark.slow
+def test_soak_20000_requests_at_concurrency_64(digits) -> None:  # type: ignore[no-untyped-def]
+    x, _ = digits
+    port = free_port()
+    env = {**os.environ, "FISHERGUARD_MAX_QUEUE_IMAGES": "4096", "FISHERGUARD_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        bodies = [png(x[i]) for i in range(8)] + [b"not an image", png(x[0])[:50]]  # 1 in 5 is bad
+        asyncio.run(_soak("127.0.0.1", port, bodies, 2000, 64))  # warm up, then measure memory
+        rss0 = _rss_kb(proc.pid)
+        before_ok = _metric(base, 'fisherguard_requests_total{route="/v1/detect",status="200"}')
+        before_bad = _metric(base, 'fisherguard_requests_total{route="/v1/detect",status="400"}')
+        statuses = asyncio.run(_soak("127.0.0.1", port, bodies, 20_000, 64))
+        answered = [s for s in statuses if s]
+        assert len(answered) == 20_000 - 20_000 // 50  # every request not abandoned got an answer
+        assert set(answered) <= {200, 400}, sorted(set(answered))
+        n_bad = sum(1 for i in range(20_000) if i % 50 != 49 and i % len(bodies) >= 8)
+        assert answered.count(400) == n_bad
+        ok = _metric(base, 'fisherguard_requests_total{route="/v1/detect",status="200"}') - before_ok
+        bad = _metric(base, 'fisherguard_requests_total{route="/v1/detect",status="400"}') - before_bad
+        assert bad == n_bad and answered.count(200) <= ok <= answered.count(200) + 20_000 // 50  # abandoned ones may finish
+        assert _metric(base, "fisherguard_requests_total{") == _metric(base, "fisherguard_request_duration_seconds_count")
+        rss1 = _rss_kb(proc.pid)
+        assert abs(rss1 - rss0) <= 0.1 * rss0, (rss0, rss1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
