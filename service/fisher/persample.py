@@ -154,11 +154,13 @@ def layer_inner(m: nn.Module, a1: Tensor, g1: Tensor, a2: Tensor, g2: Tensor) ->
 def _stack_conv(m: nn.Module, gs: list[Tensor]) -> bool:
     """Small feature maps (T ≤ 256 positions) make many tiny per-sample GEMMs; one unfold and one
     batched GEMM over all cotangents is faster there (measured on CPU); larger maps use grouped convs."""
-    return isinstance(m, nn.Conv2d) and len(gs) > 1 and gs[0].shape[2] * gs[0].shape[3] <= 256
+    small = len(gs) > 1 and gs[0].shape[2] * gs[0].shape[3] <= 256
+    return isinstance(m, nn.Conv2d) and not isinstance(m.padding, str) and small
 
 
 def _conv_features_stacked(m: nn.Conv2d, a: Tensor, gs: list[Tensor]) -> list[list[Tensor]]:
     """Per-sample weight (and bias) gradients of a conv layer for all cotangents at once. -> [[(N, F)]]."""
+    assert not isinstance(m.padding, str)
     u = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C·kh·kw, T)
     g = torch.stack([x.flatten(2) for x in gs], 1)  # (N, m, O, T)
     n, k, o, t = g.shape
@@ -183,7 +185,10 @@ def param_products(tape: Tape, grads: list[list[Tensor]], ref: int | None) -> tu
                 if ref is not None:
                     cross[j] = cross[j] + (g * gs[ref]).sum(1) * aa
             continue
-        feats = _conv_features_stacked(mod, a, gs) if _stack_conv(mod, gs) else [_features(mod, _prepare(mod, a), g) for g in gs]
+        if isinstance(mod, nn.Conv2d) and _stack_conv(mod, gs):
+            feats = _conv_features_stacked(mod, a, gs)
+        else:
+            feats = [_features(mod, _prepare(mod, a), g) for g in gs]
         for j, f in enumerate(feats):
             diag[j] = diag[j] + _dot(f, f)
             if ref is not None:
