@@ -19,6 +19,15 @@ FORMAT = 1
 TAILS = ("one-sided", "two-sided")
 
 
+def conformal_p_value(cal: np.ndarray, t: np.ndarray, direction: str = "high") -> np.ndarray:
+    """(1 + #{c_i at least as unusual as t}) / (n + 1) against sorted clean values cal."""
+    if direction == "high":
+        unusual = len(cal) - np.searchsorted(cal, t, side="left")  # #{c ≥ t}
+    else:
+        unusual = np.searchsorted(cal, t, side="right")  # #{c ≤ t}
+    return (1.0 + unusual) / (len(cal) + 1.0)
+
+
 @dataclass
 class Calibration:
     weights_sha256: str
@@ -40,12 +49,7 @@ class Calibration:
 
     def p_value(self, name: str, t: np.ndarray) -> np.ndarray:
         """Conformal p-values of thresholded-form scores t (any shape) against the clean values."""
-        cal = self.values[name]
-        if SCORES[name].direction == "high":
-            unusual = len(cal) - np.searchsorted(cal, t, side="left")  # #{c ≥ t}
-        else:
-            unusual = np.searchsorted(cal, t, side="right")  # #{c ≤ t}
-        return (1.0 + unusual) / (len(cal) + 1.0)
+        return conformal_p_value(self.values[name], t, SCORES[name].direction)
 
     def decision_p_value(self, t: np.ndarray) -> np.ndarray:
         """The decision statistic's p-value; two-sided: min(1, 2·min(p_upper, p_lower)), still valid."""

@@ -51,18 +51,40 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     import torch
 
+    from service.baselines import Mahalanobis, feature_squeezing
     from service.bundle import load_bundle
-    from service.data import load_dataset
-    from service.evaluate import evaluate, markdown, parse_attack, write
+    from service.data import load_dataset, load_train_subset
+    from service.evaluate import Baseline, evaluate, markdown, parse_attack, plot_roc, write
 
     if a.threads:
         torch.set_num_threads(a.threads)
     bundle = load_bundle(a.model, _device(a.device))
-    data = load_dataset(a.data or _default_data(bundle.card), a.split, bundle.classes, bundle.input_shape)
+    path = a.data or _default_data(bundle.card)
+    data = load_dataset(path, a.split, bundle.classes, bundle.input_shape)
+    baselines: dict[str, Baseline] = {}
+    names = [b for b in a.baselines.split(",") if b]
+    if "feature_squeezing" in names:
+        baselines["feature_squeezing"] = feature_squeezing
+    if "mahalanobis" in names:
+        maha = Mahalanobis.fit(bundle.model, *load_train_subset(path, a.train_subset))
+        baselines["mahalanobis"] = maha.score
+    unknown = set(names) - {"feature_squeezing", "mahalanobis"}
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; known: feature_squeezing, mahalanobis")
+    cal_half = load_dataset(path, "calibration", bundle.classes, bundle.input_shape) if baselines and a.split == "evaluation" else None
+    attack_list = [parse_attack(s, bundle) for s in a.attacks.split(",")]
     report = evaluate(
-        bundle, data, [parse_attack(s) for s in a.attacks.split(",")], a.limit, batch_size=a.batch_size, progress=sys.stderr.isatty()
+        bundle,
+        data,
+        attack_list,
+        a.limit,
+        batch_size=a.batch_size,
+        progress=sys.stderr.isatty(),
+        baselines=baselines,
+        baseline_calibration=cal_half,
     )
     write(report, a.out)
+    plot_roc(report, a.out)
     print(markdown(report))
     return 0
 
@@ -107,7 +129,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="mnist")
     e.add_argument("--data", type=Path)
     e.add_argument("--split", default="evaluation", choices=["calibration", "evaluation", "all"])
-    e.add_argument("--attacks", default="pgd_linf:0.1,pgd_linf:0.3")
+    e.add_argument(
+        "--attacks",
+        default="pgd_linf:0.1,pgd_linf:0.3",
+        help="comma list: "
+        + "fgsm:EPS, pgd_linf:EPS, pgd_l2:EPS, cw:KAPPA, deepfool, square:EPS, ossa:EPS, adaptive:EPS, noise:EPS, jpeg:QUALITY",
+    )
+    e.add_argument("--baselines", default="", help="comma list of mahalanobis, feature_squeezing")
+    e.add_argument("--train-subset", type=int, default=10000, help="training images that fit the Mahalanobis baseline")
     e.add_argument("--limit", type=int, help="attack at most this many clean images (seeded subset)")
     e.add_argument("--out", type=Path, default=Path("bench/results/evaluate"))
     e.add_argument("--batch-size", type=int, default=64)

@@ -30,19 +30,30 @@ def split_indices(n: int, split: str) -> np.ndarray:
     return {"calibration": perm[: n // 2], "evaluation": perm[n // 2 :], "all": np.arange(n)}[split]
 
 
-def _from_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split of an MNIST-style npz (x_test uint8 (N, H, W[, C])) or a JPEG npz (test_jpeg)."""
+def _from_npz(path: Path, split: str = "test", pick: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of an MNIST-style npz (x_<split> uint8 (N, H, W[, C])) or a JPEG npz (<split>_jpeg),
+    optionally only the images `pick`."""
     with np.load(path) as d:
-        if "x_test" in d:
-            x = torch.from_numpy(d["x_test"]).float().div(255)
+        if f"x_{split}" in d:
+            xs, ys = d[f"x_{split}"], d[f"y_{split}"]
+            xs, ys = (xs[pick], ys[pick]) if pick is not None else (xs, ys)
+            x = torch.from_numpy(xs).float().div(255)
             x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-            return x.contiguous(), torch.from_numpy(d["y_test"]).long()
-        if "test_jpeg" in d:
-            raw, off = d["test_jpeg"], d["test_offsets"]
-            imgs = [np.asarray(Image.open(io.BytesIO(raw[off[i] : off[i + 1]].tobytes())).convert("RGB")) for i in range(len(off) - 1)]
+            return x.contiguous(), torch.from_numpy(ys).long()
+        if f"{split}_jpeg" in d:
+            raw, off, labels = d[f"{split}_jpeg"], d[f"{split}_offsets"], d[f"{split}_labels"]
+            idx = pick if pick is not None else np.arange(len(off) - 1)
+            imgs = [np.asarray(Image.open(io.BytesIO(raw[off[i] : off[i + 1]].tobytes())).convert("RGB")) for i in idx]
             x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255)
-            return x.contiguous(), torch.from_numpy(d["test_labels"]).long()
-    raise ValueError(f"{path}: expected keys x_test/y_test or test_jpeg/test_offsets/test_labels")
+            return x.contiguous(), torch.from_numpy(labels[idx]).long()
+    raise ValueError(f"{path}: expected keys x_{split}/y_{split} or {split}_jpeg/{split}_offsets/{split}_labels")
+
+
+def load_train_subset(path: Path, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random subset of the training split (training files may be sorted by class)."""
+    with np.load(path) as d:
+        total = len(d["y_train"]) if "y_train" in d else len(d["train_labels"])
+    return _from_npz(path, "train", np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False)))
 
 
 def _from_folder(

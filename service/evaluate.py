@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from service import attacks
 from service.bundle import Bundle
-from service.calibration import Calibration
+from service.calibration import conformal_p_value
 from service.data import Dataset
 from service.fisher import SCORES
 from service.scoring import score_batches
@@ -32,20 +32,70 @@ AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 class Attack:
     name: str
     run: AttackFn
+    control: bool = False  # a benign change of clean images (noise, JPEG): all kept, flag rate ≈ α expected
 
 
-def parse_attack(spec: str) -> Attack:
-    """`fgsm:0.1`, `pgd_linf:0.3`; ε may be written as a fraction such as 8/255."""
-    kind, _, arg = spec.partition(":")
+def _number(arg: str) -> float:
     try:
-        eps: float | None = float(Fraction(arg)) if arg else None
+        return float(Fraction(arg))
     except ValueError:
-        eps = None
-    if kind == "fgsm" and eps is not None:
-        return Attack(spec, lambda m, x, y: attacks.fgsm(m, x, y, eps))
-    if kind == "pgd_linf" and eps is not None:
-        return Attack(spec, lambda m, x, y: attacks.pgd_linf(m, x, y, eps))
-    raise ValueError(f"unknown attack {spec!r}; known: fgsm:EPS, pgd_linf:EPS")
+        raise ValueError(f"{arg!r} is not a number (fractions such as 8/255 are fine)") from None
+
+
+def _uniform_noise(x: Tensor, eps: float) -> Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return (x + (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * eps).clamp(0, 1)
+
+
+def _jpeg(x: Tensor, quality: int) -> Tensor:
+    import io
+
+    from PIL import Image
+
+    out = []
+    for img in (x.clamp(0, 1) * 255).round().byte().cpu():
+        arr = img.permute(1, 2, 0).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, "JPEG", quality=quality)
+        dec = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255
+        out.append(torch.from_numpy(dec.reshape(arr.shape)).permute(2, 0, 1))
+    return torch.stack(out).to(x.device)
+
+
+ATTACK_HELP = (
+    "fgsm:EPS, pgd_linf:EPS, pgd_l2:EPS, cw:KAPPA, deepfool, square:EPS, ossa:EPS, adaptive:EPS "
+    "(controls: noise:EPS, jpeg:QUALITY); EPS may be a fraction such as 8/255"
+)
+
+
+def parse_attack(spec: str, bundle: Bundle | None = None) -> Attack:
+    """An attack (or control) from its command-line spec; see ATTACK_HELP."""
+    kind, _, arg = spec.partition(":")
+    v = _number(arg) if arg else None
+    table: dict[str, Callable[[float], Attack]] = {
+        "fgsm": lambda e: Attack(spec, lambda m, x, y: attacks.fgsm(m, x, y, e)),
+        "pgd_linf": lambda e: Attack(spec, lambda m, x, y: attacks.pgd_linf(m, x, y, e)),
+        "pgd_l2": lambda e: Attack(spec, lambda m, x, y: attacks.pgd_l2(m, x, y, e)),
+        "cw": lambda k: Attack(spec, lambda m, x, y: attacks.cw_l2(m, x, y, kappa=k)),
+        "square": lambda e: Attack(spec, lambda m, x, y: attacks.square_linf(m, x, y, e)),
+        "ossa": lambda e: Attack(spec, lambda m, x, y: attacks.ossa(m, x, y, e)),
+        "adaptive": lambda e: Attack(spec, lambda m, x, y: attacks.adaptive_pgd(m, x, y, e, _center(bundle), weight=0.1)),
+        "noise": lambda e: Attack(spec, lambda m, x, y: _uniform_noise(x, e), control=True),
+        "jpeg": lambda q: Attack(spec, lambda m, x, y: _jpeg(x, int(q)), control=True),
+    }
+    if kind == "deepfool" and v is None:
+        return Attack(spec, lambda m, x, y: attacks.deepfool(m, x, y))
+    if kind in table and v is not None:
+        return table[kind](v)
+    raise ValueError(f"unknown attack {spec!r}; known: {ATTACK_HELP}")
+
+
+def _center(bundle: Bundle | None) -> float:
+    """The median clean log10 tr G_x: where the adaptive attack pulls the decision statistic."""
+    cal = bundle.calibration if bundle else None
+    if cal is None or cal.statistic != "fisher_input_trace":
+        raise ValueError("the adaptive attack targets a bundle whose decision statistic is fisher_input_trace")
+    return float(np.median(cal.values["fisher_input_trace"]))
 
 
 def roc_auc(clean: np.ndarray, adv: np.ndarray) -> float:
@@ -60,6 +110,14 @@ def roc_auc(clean: np.ndarray, adv: np.ndarray) -> float:
     return float((ranks[len(clean) :].sum() - len(adv) * (len(adv) + 1) / 2) / (len(clean) * len(adv)))
 
 
+def roc_points(clean: np.ndarray, adv: np.ndarray, n: int = 51) -> list[list[float]]:
+    """[FPR, TPR] at n thresholds spread over the quantiles of both sets (larger = more unusual)."""
+    thresholds = np.unique(np.quantile(np.concatenate([clean, adv]), np.linspace(0, 1, n)))[::-1]
+    fpr = [float((clean >= t).mean()) for t in thresholds]
+    tpr = [float((adv >= t).mean()) for t in thresholds]
+    return [[0.0, *fpr, 1.0], [0.0, *tpr, 1.0]]
+
+
 def bootstrap_auc(clean: np.ndarray, adv: np.ndarray, reps: int = 200, seed: int = 0) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     aucs = [roc_auc(rng.choice(clean, len(clean)), rng.choice(adv, len(adv))) for _ in range(reps)]
@@ -67,28 +125,39 @@ def bootstrap_auc(clean: np.ndarray, adv: np.ndarray, reps: int = 200, seed: int
     return float(lo), float(hi)
 
 
-def _unusual(name: str, v: np.ndarray) -> np.ndarray:
-    return v if SCORES[name].direction == "high" else -v
-
-
 def _batched(fn: AttackFn, model: nn.Module, x: Tensor, y: Tensor, batch: int) -> Tensor:
     device = next(model.parameters()).device
     return torch.cat([fn(model, x[i : i + batch].to(device), y[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
 
 
-def _score_rows(cal: Calibration, clean: dict[str, np.ndarray], adv: dict[str, np.ndarray], alphas: Sequence[float]) -> dict[str, Any]:
+def _rows(
+    cal: dict[str, np.ndarray], direction: dict[str, str], clean: dict[str, np.ndarray], adv: dict[str, np.ndarray], alphas: Sequence[float]
+) -> dict[str, Any]:
+    """Per score: AUC with a bootstrap interval, and TPR / realised FPR at conformal thresholds."""
     rows = {}
-    for name in cal.values:
+    for name in cal:
         c, a = clean[name], adv[name]
-        pc, pa = cal.p_value(name, c), cal.p_value(name, a)
-        lo, hi = bootstrap_auc(_unusual(name, c), _unusual(name, a))
+        pc, pa = conformal_p_value(cal[name], c, direction[name]), conformal_p_value(cal[name], a, direction[name])
+        sign = 1.0 if direction[name] == "high" else -1.0
+        lo, hi = bootstrap_auc(sign * c, sign * a)
         rows[name] = {
-            "auc": roc_auc(_unusual(name, c), _unusual(name, a)),
+            "auc": roc_auc(sign * c, sign * a),
             "auc_ci95": [lo, hi],
+            "roc": roc_points(sign * c, sign * a),
             **{f"tpr@{al}": float((pa <= al).mean()) for al in alphas},
             **{f"fpr@{al}": float((pc <= al).mean()) for al in alphas},
         }
     return rows
+
+
+Baseline = Callable[[nn.Module, Tensor], Tensor]
+
+
+def _baseline_values(model: nn.Module, x: Tensor, baselines: dict[str, Baseline], batch: int) -> dict[str, np.ndarray]:
+    device = next(model.parameters()).device
+    return {
+        k: torch.cat([fn(model, x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)]).numpy() for k, fn in baselines.items()
+    }
 
 
 def evaluate(
@@ -99,6 +168,8 @@ def evaluate(
     alphas: Sequence[float] = (0.05, 0.01),
     batch_size: int = 64,
     progress: bool = False,
+    baselines: dict[str, Baseline] | None = None,
+    baseline_calibration: Dataset | None = None,
 ) -> dict[str, Any]:
     """The report: clean FPR per score, and per attack its success, distortion and detection rows."""
     cal = bundle.calibration
@@ -106,10 +177,18 @@ def evaluate(
         raise ValueError(f"bundle {bundle.name} has no calibration.json; run `fisherguard calibrate` first")
     names = sorted(cal.values)
     model = bundle.model
+    baselines = baselines or {}
     clean, pred = score_batches(model, data.x, names, cal.score_options, batch_size, progress)
     ok = pred == data.y.numpy()
-    clean = {k: v[ok] for k, v in clean.items()}
     x, y = data.x[ok], data.y[ok]
+    clean = {k: v[ok] for k, v in clean.items()} | _baseline_values(model, x, baselines, batch_size)
+    cal_values = dict(cal.values)
+    direction: dict[str, str] = {k: str(SCORES[k].direction) for k in names} | {k: "high" for k in baselines}
+    if baselines and baseline_calibration is not None:  # the baselines' own clean calibration, same half as the bundle's
+        bx, by = baseline_calibration.x, baseline_calibration.y
+        with torch.no_grad():
+            keep = torch.cat([model(bx[i : i + 256]).argmax(1) for i in range(0, len(bx), 256)]) == by
+        cal_values |= {k: np.sort(v) for k, v in _baseline_values(model, bx[keep], baselines, batch_size).items()}
     if limit is not None and limit < len(x):
         pick = np.sort(np.random.default_rng(1).choice(len(x), limit, replace=False))
         x, y = x[pick], y[pick]
@@ -117,38 +196,48 @@ def evaluate(
         "bundle": {"name": bundle.name, "version": bundle.card["version"], "weights_sha256": bundle.weights_sha256},
         "data": data.description,
         "calibration": cal.summary() | {"scores": None},
+        "baselines": sorted(baselines),
         "clean": {
             "n": int(ok.sum()),
             "decision_fpr": {str(a): float((cal.decision_p_value(clean[cal.statistic]) <= a).mean()) for a in alphas},
-            "fpr": {k: {str(a): float((cal.p_value(k, v) <= a).mean()) for a in alphas} for k, v in clean.items()},
+            "fpr": {
+                k: {str(a): float((conformal_p_value(cal_values[k], clean[k], direction[k]) <= a).mean()) for a in alphas}
+                for k in cal_values
+            },
         },
         "attacked_images": len(x),
         "attacks": {},
     }
+    device = next(model.parameters()).device
     for attack in attack_list:
         t0 = time.time()
         adv = attacks.quantise(_batched(attack.run, model, x, y, batch_size))
         with torch.no_grad():
-            adv_pred = torch.cat(
-                [model(adv[i : i + 256].to(next(model.parameters()).device)).argmax(1).cpu() for i in range(0, len(adv), 256)]
-            )
-        hit = adv_pred != y
+            adv_pred = torch.cat([model(adv[i : i + 256].to(device)).argmax(1).cpu() for i in range(0, len(adv), 256)])
+        hit = torch.ones_like(y, dtype=torch.bool) if attack.control else adv_pred != y  # controls keep every image
         delta = (adv - x)[hit].flatten(1)
         adv_scores, _ = score_batches(model, adv[hit], names, cal.score_options, batch_size, progress)
-        rows = _score_rows(cal, clean, adv_scores, alphas)
+        adv_scores |= _baseline_values(model, adv[hit], baselines, batch_size)
+        rows = _rows(cal_values, direction, clean, adv_scores, alphas)
         pc, pa = cal.decision_p_value(clean[cal.statistic]), cal.decision_p_value(adv_scores[cal.statistic])
         stat = {f"tpr@{al}": float((pa <= al).mean()) for al in alphas} | {f"fpr@{al}": float((pc <= al).mean()) for al in alphas}
         report["attacks"][attack.name] = {
-            "success_rate": float(hit.float().mean()),
+            "control": attack.control,
+            "success_rate": float((adv_pred != y).float().mean()),
             "n_successful": int(hit.sum()),
             "median_l2": float(delta.norm(dim=1).median()) if len(delta) else None,
             "median_linf": float(delta.abs().amax(1).median()) if len(delta) else None,
             "decision": stat,
-            "unflagged_success_rate": {str(a): float(hit.float().mean()) * (1 - stat[f"tpr@{a}"]) for a in alphas},
+            "unflagged_success_rate": {str(a): float((adv_pred != y).float().mean()) * (1 - stat[f"tpr@{a}"]) for a in alphas},
+            "flag_rate_by_predicted_class": _flags_by_class(pa, adv_pred[hit].numpy(), alphas[0]),
             "scores": rows,
             "seconds": round(time.time() - t0, 1),
         }
     return report
+
+
+def _flags_by_class(p: np.ndarray, predicted: np.ndarray, alpha: float) -> dict[str, float]:
+    return {str(c): float((p[predicted == c] <= alpha).mean()) for c in np.unique(predicted)}
 
 
 def markdown(report: dict[str, Any], alphas: Sequence[float] = (0.05, 0.01)) -> str:
@@ -181,6 +270,32 @@ def markdown(report: dict[str, Any], alphas: Sequence[float] = (0.05, 0.01)) -> 
             lines.append(f"| `{s}` | {r['auc']:.3f} [{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | {cells} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def plot_roc(report: dict[str, Any], out: Path, top: int = 6) -> None:
+    """One PNG of ROC curves per attack (the best `top` scores and every baseline); needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install '.[eval]'): no ROC plots")
+        return
+    for name, a in report["attacks"].items():
+        rows = sorted(a["scores"].items(), key=lambda kv: -kv[1]["auc"])
+        shown = rows[:top] + [kv for kv in rows[top:] if kv[0] in report.get("baselines", [])]
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for score, r in shown:
+            ax.plot(
+                r["roc"][0], r["roc"][1], label=f"{score} ({r['auc']:.3f})", linestyle="--" if score in report.get("baselines", []) else "-"
+            )
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+        ax.set(xlabel="clean false-positive rate", ylabel="adversarial true-positive rate", title=f"{report['bundle']['name']}: {name}")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / f"roc-{name.replace(':', '_').replace('/', '-')}.png", dpi=100)
+        plt.close(fig)
 
 
 def write(report: dict[str, Any], out: Path) -> None:

@@ -403,3 +403,19 @@ def noise_kl(model: nn.Module, x: Tensor, log_p: Tensor, sigma: float, samples: 
     xs = (x.detach()[:, None] + sigma * noise).clamp(0.0, 1.0).flatten(0, 1)  # (N·M, C, H, W)
     log_q = torch.log_softmax(model(xs).double(), dim=1).view(len(x), samples, -1)  # (N, M, K)
     return (log_p.exp()[:, None] * (log_p[:, None] - log_q)).sum(2).mean(1)
+
+
+def input_fisher_top_eigenpair(model: nn.Module, x: Tensor, top_classes: int | None = None) -> tuple[Tensor, Tensor]:
+    """λ_max(G_x) (N,) float64 and the signed unit top eigenvector u₁ (N, C, H, W) float32: the
+    direction of OSSA (Zhao et al.). Exact from the m×m Gram of the rows √p_k ∇_x log p_k."""
+    with _eval_mode(model):
+        x = x.detach().to(dtype=torch.float32).requires_grad_(True)
+        with torch.enable_grad():
+            z = model(x)
+        z64 = z.detach().double()
+        p = torch.softmax(z64, 1)
+        classes = basics.top_classes(p, top_classes)
+        cot, scale = _normalise(_cotangents(z64, p, basics.predicted(z64), classes, need_s=False))
+        gx = torch.stack([g[0] for g in _backward(z, [x], cot)]).double().flatten(2) * scale[:, :, None]  # (m, N, D)
+        lam, u = top_eigenpair_from_rows(p.gather(1, classes).T.sqrt()[:, :, None] * gx)
+    return lam, u.float().view_as(x)

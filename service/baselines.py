@@ -1,0 +1,69 @@
+"""Published clean-data detectors, run side by side with the Fisher scores (design.md §7).
+
+- Mahalanobis (Lee et al. 2018): class-conditional Gaussians with a tied covariance on the
+  penultimate features, fitted on clean training images; score = min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c).
+- Feature squeezing (Xu et al. 2018): max over squeezers of ‖p(x) − p(squeeze(x))‖₁, with bit-depth
+  reduction and a 2×2 median filter. Needs no fitting at all.
+Both are "larger = more unusual".
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def penultimate(model: nn.Module, x: Tensor) -> Tensor:
+    """The input of the model's last nn.Linear: the penultimate features. -> (N, F)."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    feats: list[Tensor] = []
+    handle = last.register_forward_hook(lambda mod, args, out: feats.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return feats[0].flatten(1)
+
+
+@dataclass
+class Mahalanobis:
+    means: Tensor  # (K, F)
+    precision: Tensor  # (F, F)
+
+    @classmethod
+    def fit(cls, model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> "Mahalanobis":
+        f = torch.cat([penultimate(model, x[i : i + batch]) for i in range(0, len(x), batch)]).double()  # (N, F)
+        k = int(y.max()) + 1
+        means = torch.stack([f[y == c].mean(0) for c in range(k)])  # (K, F)
+        centred = f - means[y]
+        cov = centred.T @ centred / len(f)  # tied covariance (F, F)
+        ridge = 1e-3 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)  # dead units have no variance
+        return cls(means, torch.linalg.inv(cov + ridge))
+
+    def score(self, model: nn.Module, x: Tensor) -> Tensor:
+        f = penultimate(model, x).double()[:, None, :] - self.means.to(x.device)[None]  # (N, K, F)
+        d = torch.einsum("nkf,fg,nkg->nk", f, self.precision.to(x.device), f)  # (N, K)
+        return d.min(1).values
+
+
+def _bit_depth(x: Tensor, bits: int) -> Tensor:
+    levels = 2**bits - 1
+    return (x * levels).round() / levels
+
+
+def _median_2x2(x: Tensor) -> Tensor:
+    """2×2 median filter (the lower median of the window), same size output. (N, C, H, W)."""
+    padded = F.pad(x, (0, 1, 0, 1), mode="replicate")
+    windows = padded.unfold(2, 2, 1).unfold(3, 2, 1).flatten(-2)  # (N, C, H, W, 4)
+    return windows.median(-1).values
+
+
+def feature_squeezing(model: nn.Module, x: Tensor) -> Tensor:
+    """max over squeezers of the L1 distance between predictions. -> (N,)."""
+    bits = 1 if x.shape[1] == 1 else 5
+    with torch.no_grad():
+        p = torch.softmax(model(x), 1)
+        dists = [(p - torch.softmax(model(sq), 1)).abs().sum(1) for sq in (_bit_depth(x, bits), _median_2x2(x))]
+    return torch.stack(dists).amax(0).double()

@@ -1,0 +1,152 @@
+"""Attacks, controls, baselines and the evaluation harness, on the shipped MNIST model and fixtures."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service import attacks
+from service.baselines import Mahalanobis, feature_squeezing
+from service.bundle import Bundle
+from service.cli import main
+from service.evaluate import parse_attack, roc_auc
+from service.fisher.compute import input_fisher_top_eigenpair
+from tests.conftest import FIXTURES
+
+
+def _success(model, x, y, adv) -> float:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return float((model(attacks.quantise(adv)).argmax(1) != y).float().mean())
+
+
+def test_pgd_linf_at_eps_03_fools_the_undefended_model(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+    adv = attacks.pgd_linf(mnist.model, x, y, 0.3)
+    assert _success(mnist.model, x, y, adv) == 1.0
+    assert float((adv - x).abs().max()) <= 0.3 + 1e-6
+
+
+def test_pgd_l2_stays_in_its_ball(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+    adv = attacks.pgd_l2(mnist.model, x, y, 3.0)
+    assert float((adv - x).flatten(1).norm(dim=1).max()) <= 3.0 + 1e-4
+    assert _success(mnist.model, x, y, adv) >= 0.9
+
+
+@pytest.mark.parametrize("kappa", [0.0, 20.0])
+def test_cw_reaches_its_confidence(mnist: Bundle, digits, kappa: float) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+    adv = attacks.cw_l2(mnist.model, x[:6], y[:6], kappa=kappa, steps=60, search=4)
+    with torch.no_grad():
+        z = mnist.model(adv)
+    margin = z.gather(1, y[:6, None]).squeeze(1) - z.scatter(1, y[:6, None], float("-inf")).amax(1)
+    assert (margin <= -kappa + 1e-4).all()
+
+
+def test_deepfool_crosses_the_boundary_with_a_small_step(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+    adv = attacks.deepfool(mnist.model, x, y)
+    with torch.no_grad():
+        assert bool((mnist.model(adv).argmax(1) != y).all())  # it stops just past the boundary: 8-bit rounding undoes some
+    assert float((adv - x).flatten(1).norm(dim=1).median()) < float(
+        attacks.pgd_l2(mnist.model, x, y, 3.0).sub(x).flatten(1).norm(dim=1).median()
+    )
+
+
+def test_square_uses_only_queries_and_respects_eps(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+
+    class NoGrad(torch.nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            assert not torch.is_grad_enabled(), "Square is a black-box attack"
+            return mnist.model(t)
+
+    adv = attacks.square_linf(NoGrad(), x, y, 0.3, queries=300)
+    assert float((adv - x).abs().max()) <= 0.3 + 1e-6 and _success(mnist.model, x, y, adv) >= 0.5
+
+
+def test_ossa_steps_along_the_top_eigenvector(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+    adv = attacks.ossa(mnist.model, x, y, 2.0)
+    _, u = input_fisher_top_eigenpair(mnist.model, x)
+    d = (adv - x).flatten(1)
+    cos = (d * u.flatten(1)).sum(1).abs() / d.norm(dim=1)
+    assert (cos > 0.8).float().mean() >= 0.75  # the clip to [0, 1] bends a few
+
+
+def test_adaptive_attack_moves_the_statistic_toward_the_clean_center(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+    cal = mnist.calibration
+    assert cal is not None
+    center = float(np.median(cal.values["fisher_input_trace"]))
+    plain = attacks.quantise(attacks.pgd_linf(mnist.model, x[:8], y[:8], 0.3, steps=20))
+    adaptive = attacks.quantise(attacks.adaptive_pgd(mnist.model, x[:8], y[:8], 0.3, center, weight=0.1, steps=20))
+    from service.fisher import compute
+
+    dist = lambda a: (compute(mnist.model, a, ["fisher_input_trace"]).log10("fisher_input_trace") - center).abs().mean()  # noqa: E731
+    assert dist(adaptive) < dist(plain)
+    assert _success(mnist.model, x[:8], y[:8], adaptive) >= 0.75
+
+
+def test_surrogate_relu_keeps_second_derivatives() -> None:
+    x = torch.linspace(-2, 2, 9, requires_grad=True)
+    with attacks.relu_surrogate(beta=5.0):
+        (g,) = torch.autograd.grad(torch.relu(x).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), x)
+    assert torch.allclose(g, torch.sigmoid(5 * x.detach())) and (h > 0).all()
+    assert torch.equal(torch.relu(torch.tensor([-1.0, 2.0])), torch.tensor([0.0, 2.0]))  # restored
+
+
+def test_controls_and_parse(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+    noise = parse_attack("noise:8/255", mnist)
+    assert noise.control and float((noise.run(mnist.model, x, y) - x).abs().max()) <= 8 / 255 + 1e-6
+    jpeg = parse_attack("jpeg:50", mnist).run(mnist.model, x, y)
+    assert jpeg.shape == x.shape and 0 < float((jpeg - x).abs().mean()) < 0.1
+    with pytest.raises(ValueError, match="known: fgsm:EPS"):
+        parse_attack("nope:1")
+
+
+def test_baselines_separate_strong_attacks(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+    f = np.load(FIXTURES / "mnist_eval16.npz")
+    maha = Mahalanobis.fit(mnist.model, x, y) if len(torch.unique(y)) == 10 else None
+    adv = attacks.quantise(attacks.pgd_linf(mnist.model, x, y, 0.3))
+    fs_clean, fs_adv = feature_squeezing(mnist.model, x).numpy(), feature_squeezing(mnist.model, adv).numpy()
+    assert roc_auc(fs_clean, fs_adv) > 0.9
+    assert f["x"].shape[0] == 16 and (maha is None or maha.means.shape[0] == 10)
+
+
+def test_roc_auc_counts_ties_as_half() -> None:
+    assert roc_auc(np.array([0.0, 1.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
+    assert roc_auc(np.array([0.0]), np.array([0.0])) == 0.5
+
+
+def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
+    f = np.load(FIXTURES / "mnist_eval16.npz")
+    npz = tmp_path / "digits.npz"
+    x = np.concatenate([f["x"]] * 2)
+    yy = np.concatenate([f["y"]] * 2)
+    np.savez(npz, x_test=x, y_test=yy, x_train=x, y_train=yy)
+    out = tmp_path / "r"
+    args = [
+        "evaluate",
+        "--data",
+        str(npz),
+        "--split",
+        "evaluation",
+        "--attacks",
+        "fgsm:0.2,noise:0.05",
+        "--baselines",
+        "feature_squeezing",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["baselines"] == ["feature_squeezing"]
+    assert rep["attacks"]["noise:0.05"]["control"] and rep["attacks"]["noise:0.05"]["n_successful"] == rep["attacked_images"]
+    assert "feature_squeezing" in rep["attacks"]["fgsm:0.2"]["scores"] and "fisher_input_trace" in rep["attacks"]["fgsm:0.2"]["scores"]
+    assert (out / "roc-fgsm_0.2.png").stat().st_size > 1000
