@@ -18,6 +18,7 @@ from service.batcher import Batcher, Job
 from service.bundle import Bundle
 from service.detector import Outcome, decision_p_value, p_values
 from service.errors import ServiceError, bad_request
+from service.examples import gallery_urls
 from service.fisher import HEATMAPS, SCORES
 from service.metrics import Metrics
 from service.schemas import DetectResponse, ErrorResponse
@@ -303,6 +304,7 @@ async def model_info(request: Request) -> dict[str, Any]:
         "scores": {k: {"direction": v.direction, "log10": v.log} for k, v in SCORES.items()},
         "default_scores": list(dict.fromkeys((*BASELINES, cal.statistic))) if cal else list(BASELINES),
         "heatmaps": list(HEATMAPS),
+        "examples": gallery_urls(state.bundle.name),
         "batching": {
             "max_batch_size": s.max_batch_size,
             "max_delay_ms": s.max_delay_ms,

@@ -89,6 +89,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_examples(a: argparse.Namespace) -> int:
+    from service.bundle import load_bundle
+    from service.data import load_dataset
+    from service.examples import make_gallery
+
+    bundle = load_bundle(a.model, "cpu")
+    data = load_dataset(a.data or _default_data(bundle.card), "evaluation", bundle.classes, bundle.input_shape)
+    entries = make_gallery(bundle, data, a.eps, a.n)
+    print(f"wrote {len(entries)} gallery images for {bundle.name}")
+    return 0
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -143,6 +155,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--threads", type=int)
     e.set_defaults(func=cmd_evaluate)
+
+    g = sub.add_parser("examples", help="write the web page's gallery of clean and adversarial images")
+    g.add_argument("--model", default="mnist")
+    g.add_argument("--data", type=Path)
+    g.add_argument("--eps", type=float, default=0.3)
+    g.add_argument("--n", type=int, default=4)
+    g.set_defaults(func=cmd_examples)
     return p
 
 

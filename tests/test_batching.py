@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -96,6 +96,19 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None
         if time.monotonic() > end:
             raise TimeoutError("condition not reached")
         await asyncio.sleep(0.005)
+
+
+async def _queued(c: httpx.AsyncClient, base: str) -> bool:
+    text = (await c.get(base + "/metrics")).text
+    return any(line == "fisherguard_queue_depth_images 40.0" for line in text.splitlines())
+
+
+async def _until_async(condition: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > end:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.01)
 
 
 def metric(base: str, name: str) -> float:
@@ -246,7 +259,7 @@ def test_sigterm_under_load_loses_no_accepted_request(digits) -> None:  # type: 
     """A real `fisherguard serve` process: requests accepted before SIGTERM all get 200; requests
     after it get 503 shutting_down (or find the port closed); the process exits 0."""
     port = free_port()
-    env = {**os.environ, "FISHERGUARD_MAX_DELAY_MS": "300", "FISHERGUARD_MAX_BATCH_SIZE": "64"}
+    env = {**os.environ, "FISHERGUARD_MAX_DELAY_MS": "1000", "FISHERGUARD_MAX_BATCH_SIZE": "64"}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     x, _ = digits
@@ -262,7 +275,7 @@ def test_sigterm_under_load_loses_no_accepted_request(digits) -> None:  # type: 
         async def scenario() -> tuple[list[httpx.Response], list[httpx.Response | Exception]]:
             async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as c:
                 before = [asyncio.create_task(c.post(base + "/v1/detect", content=png(x[i % 16]), headers=PNG)) for i in range(40)]
-                await asyncio.sleep(0.15)  # all sent and queued (the batch waits up to 300 ms)
+                await _until_async(lambda: _queued(c, base), 30)  # all 40 accepted and queued (the batch waits 1 s)
                 proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.05)
                 after = await asyncio.gather(

@@ -31,6 +31,16 @@ def test_shipped_mnist_bundle(mnist: Bundle, digits) -> None:  # type: ignore[no
     assert "calibration half" in cal.data["description"]
 
 
+def test_shipped_cifar10_bundle() -> None:
+    b = load_bundle("cifar10")
+    assert b.input_shape == (3, 32, 32) and b.classes[:2] == ["airplane", "automobile"]
+    assert b.card["training_data"]["sha256"] == "79dc3db9fb2b671e632a65307618b117ad7d2a315c023cdd4eaa529770a2ad32"
+    assert b.card["param_count"] == sum(p.numel() for p in b.model.parameters())
+    assert b.calibration is not None and b.calibration.weights_sha256 == b.weights_sha256 and b.calibration.n > 4000
+    with torch.no_grad():
+        assert b.model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_one_image_alone_or_in_a_batch_on_the_shipped_model(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
     x, _ = digits
     batch = compute(mnist.model, x, list(SCORES), HEATMAPS)

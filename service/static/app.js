@@ -9,6 +9,16 @@ async function loadModel() {
   const r = await fetch("/v1/model", { headers: auth() });
   if (!r.ok) { $("model").textContent = "model not ready"; return; }
   const m = await r.json(), c = m.card, cal = m.calibration;
+  const g = $("gallery"); g.innerHTML = "";
+  for (const e of m.examples || []) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.title = `${e.kind === "clean" ? "clean" : e.attack} — true label ${e.true_label}`;
+    b.setAttribute("aria-label", b.title);
+    b.innerHTML = `<img src="${e.url}" alt=""><span>${e.kind} ${e.true_label}</span>`;
+    b.addEventListener("click", async () => detect(new File([await (await fetch(e.url)).blob()], e.file, { type: "image/png" })));
+    g.appendChild(b);
+  }
   $("model").textContent = `${c.name} v${c.version} on ${m.device} · test accuracy ${(100 * c.test_accuracy).toFixed(2)}% · ` +
     `calibrated on n = ${cal.n} clean images (${cal.created.slice(0, 10)}), decision statistic ${cal.statistic}, α = ${cal.alpha}`;
 }
