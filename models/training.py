@@ -1,7 +1,6 @@
 """Shared training loop for the shipped bundles: one-cycle SGD, augmentation as a batch function,
 weights to safetensors and a card with the measured test accuracy."""
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -13,15 +12,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from service.bundle import sha256_file
+
 Augment = Callable[[Tensor, torch.Generator], Tensor]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @torch.no_grad()

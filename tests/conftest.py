@@ -56,6 +56,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(base: str, timeout_s: float) -> None:
+    """Polls /readyz until it answers 200."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/readyz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{base} did not become ready in {timeout_s} s")
+
+
 @contextmanager
 def serving(app: FastAPI) -> Iterator[str]:
     """The app under a real uvicorn on a loopback port, in a thread; yields the base URL once ready."""
@@ -64,15 +77,7 @@ def serving(app: FastAPI) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    else:
-        raise RuntimeError("the test server did not become ready in 60 s")
+    wait_ready(base, 60)
     try:
         yield base
     finally:

@@ -21,7 +21,7 @@ from service.bundle import Bundle
 from service.calibration import Calibration
 from service.detector import Detector
 from service.settings import Settings
-from tests.conftest import free_port, png, serving
+from tests.conftest import free_port, png, serving, wait_ready
 
 PNG = {"content-type": "image/png"}
 
@@ -264,13 +264,7 @@ def test_sigterm_under_load_loses_no_accepted_request(digits) -> None:  # type: 
     base = f"http://127.0.0.1:{port}"
     x, _ = digits
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_ready(base, 120)
 
         async def scenario() -> tuple[list[httpx.Response], list[httpx.Response | Exception]]:
             async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as c:

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 
 from service.bundle import Bundle, load_bundle
 from service.cli import main
-from tests.conftest import FIXTURES, png
+from tests.conftest import FIXTURES, png, wait_ready
 
 
 @pytest.fixture
@@ -71,13 +70,7 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(digits) -> None:  # type: ig
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--device", "auto"], env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_ready(base, 120)
         x, y = digits
         r = httpx.post(base + "/v1/detect", content=png(x[0]), headers={"content-type": "image/png"}, timeout=30)
         assert r.status_code == 200 and r.json()["results"][0]["predicted_class"] == int(y[0])

@@ -5,7 +5,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 from service.app import create_app
 from service.bundle import Bundle
 from service.settings import Settings
-from tests.conftest import free_port, png, serving
+from tests.conftest import free_port, png, serving, wait_ready
 
 CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 
@@ -87,13 +86,7 @@ def test_soak_20000_requests_at_concurrency_64(digits) -> None:  # type: ignore[
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_ready(base, 120)
         bodies = [png(x[i]) for i in range(8)] + [b"not an image", png(x[0])[:50]]  # 1 in 5 is bad
         asyncio.run(_soak("127.0.0.1", port, bodies, 2000, 64))  # warm up, then measure memory
         rss0 = _rss_kb(proc.pid)

@@ -18,7 +18,8 @@ from PIL import Image
 from torch import Tensor
 
 from models.cifar10.model import build
-from models.training import fit, save_bundle, sha256_file
+from models.training import fit, save_bundle
+from service.bundle import sha256_file
 
 
 def decode_split(d: np.lib.npyio.NpzFile, split: str) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.mnist.model import build
-from models.training import fit, save_bundle, sha256_file
+from models.training import fit, save_bundle
+from service.bundle import sha256_file
 
 CLASSES = [str(d) for d in range(10)]
 
