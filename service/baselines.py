@@ -35,9 +35,9 @@ class Mahalanobis:
     @classmethod
     def fit(cls, model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> "Mahalanobis":
         f = torch.cat([penultimate(model, x[i : i + batch]) for i in range(0, len(x), batch)]).double()  # (N, F)
-        k = int(y.max()) + 1
-        means = torch.stack([f[y == c].mean(0) for c in range(k)])  # (K, F)
-        centred = f - means[y]
+        classes = torch.unique(y)  # classes without images get no Gaussian
+        means = torch.stack([f[y == c].mean(0) for c in classes])  # (K', F)
+        centred = f - means[torch.searchsorted(classes, y)]
         cov = centred.T @ centred / len(f)  # tied covariance (F, F)
         ridge = 1e-3 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)  # dead units have no variance
         return cls(means, torch.linalg.inv(cov + ridge))
