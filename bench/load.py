@@ -71,27 +71,26 @@ def mean_batch(before: dict[str, float], after: dict[str, float]) -> float | Non
     return s / n if n else None
 
 
+def run_wrk(base: str, connections: int, seconds: int) -> dict[str, Any]:
+    """One closed-loop wrk run; wrk's own numbers, as printed by bench/post.lua."""
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(ROOT / "bench" / "post.lua"),
+        base + "/v1/detect",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FG_IMAGE": str(IMAGE)}, check=True).stdout
+    return dict(json.loads(out.split("WRK_JSON", 1)[1].strip().splitlines()[0]))
+
+
 def wrk(base: str, connections: int, seconds: int) -> dict[str, Any]:
-    env = {**os.environ, "FG_IMAGE": str(IMAGE)}
     before = scrape(base)
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--timeout",
-            "30s",
-            "-s",
-            str(ROOT / "bench" / "post.lua"),
-            base + "/v1/detect",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    ).stdout
-    res = json.loads(out.split("WRK_JSON", 1)[1].strip().splitlines()[0])
+    res = run_wrk(base, connections, seconds)
     after = scrape(base)
     return {
         "concurrency": connections,
@@ -206,24 +205,7 @@ def main() -> None:
             if batch == 32 and a.soak:
                 rss0 = rss_kb(proc.pid)
                 before = scrape(base)
-                out = subprocess.run(
-                    [
-                        "wrk",
-                        "-t1",
-                        "-c64",
-                        f"-d{max(10, int(a.soak / max(sustainable, 1)) + 5)}s",
-                        "--timeout",
-                        "30s",
-                        "-s",
-                        str(ROOT / "bench" / "post.lua"),
-                        base + "/v1/detect",
-                    ],
-                    capture_output=True,
-                    text=True,
-                    env={**os.environ, "FG_IMAGE": str(IMAGE)},
-                    check=True,
-                ).stdout
-                res = json.loads(out.split("WRK_JSON", 1)[1].strip().splitlines()[0])
+                res = run_wrk(base, 64, max(10, int(a.soak / max(sustainable, 1)) + 5))  # long enough for a.soak requests
                 after = scrape(base)
                 cfg["soak"] = {
                     "requests": res["requests"],

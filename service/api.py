@@ -3,6 +3,7 @@
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from service.metrics import Metrics
 from service.schemas import DetectResponse, ErrorResponse
 from service.settings import Settings
 
-STATIC = __import__("pathlib").Path(__file__).parent / "static"
+STATIC = Path(__file__).parent / "static"
 BASELINES = ("confidence", "entropy", "margin")
 ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 403, 413, 415, 422, 503)}
 IMAGE_BODY = {

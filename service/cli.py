@@ -24,15 +24,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
-    import torch
 
-    from service.bundle import load_bundle
     from service.calibrate import calibrate
     from service.data import load_dataset
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    bundle = load_bundle(a.model, _device(a.device))
+    bundle = _bundle(a)
     statistic = a.statistic or (
         bundle.calibration.statistic if bundle.calibration else bundle.card.get("decision_statistic", "sensitivity")
     )
@@ -49,16 +45,12 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    import torch
 
     from service.baselines import Mahalanobis, feature_squeezing
-    from service.bundle import load_bundle
     from service.data import load_dataset, load_train_subset
     from service.evaluate import Baseline, evaluate, markdown, parse_attack, plot_roc, write
 
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    bundle = load_bundle(a.model, _device(a.device))
+    bundle = _bundle(a)
     path = a.data or _default_data(bundle.card)
     data = load_dataset(path, a.split, bundle.classes, bundle.input_shape)
     baselines: dict[str, Baseline] = {}
@@ -99,6 +91,17 @@ def cmd_examples(a: argparse.Namespace) -> int:
     entries = make_gallery(bundle, data, a.eps, a.n)
     print(f"wrote {len(entries)} gallery images for {bundle.name}")
     return 0
+
+
+def _bundle(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The bundle named by --model, on --device, with --threads applied."""
+    import torch
+
+    from service.bundle import load_bundle
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    return load_bundle(a.model, _device(a.device))
 
 
 def _device(name: str) -> str:

@@ -57,7 +57,7 @@ def main() -> None:
         x_train, y_train = decode_split(d, "train")
         x_test, y_test = decode_split(d, "test")
         classes = [str(c) for c in d["classes"]]
-    model = build()
+    model = build()  # initialised from torch's default generator state, as for the shipped weights; fit() seeds the rest
     acc = fit(
         model,
         (x_train, y_train, x_test, y_test),
