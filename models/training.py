@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from service.bundle import sha256_file
+from service.fisher.penalty import input_fisher_trace_estimate, rademacher
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -36,9 +37,12 @@ def fit(
     label_smoothing: float = 0.0,
     bf16: bool = False,
     decay_1d: bool = True,
+    fisher_penalty: float = 0.0,
 ) -> float:
     """Trains in place; returns the final test accuracy. data = (x_train, y_train, x_test, y_test).
-    decay_1d=False exempts biases and normalisation parameters from weight decay."""
+    decay_1d=False exempts biases and normalisation parameters from weight decay.
+    fisher_penalty β > 0 adds β · mean tr G_x (one Rademacher probe per image, double backprop;
+    service.fisher.penalty) to the loss, with the forward in float32."""
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -53,19 +57,25 @@ def fit(
     for epoch in range(epochs):
         model.train()
         t0 = time.time()
+        trace_sum = 0.0
         order = torch.randperm(len(x_train), generator=gen)
         for i in range(len(x_train) // batch):
             idx = order[i * batch : (i + 1) * batch]
-            xb = augment(x_train[idx], gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            xb = augment(x_train[idx], gen).requires_grad_(fisher_penalty > 0)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and fisher_penalty == 0):
                 logits = model(xb)
             loss = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=label_smoothing)
+            if fisher_penalty > 0:
+                trace = input_fisher_trace_estimate(logits, xb, rademacher(tuple(logits.shape), gen)).mean()
+                loss = loss + fisher_penalty * trace
+                trace_sum += trace.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         acc = accuracy(model, x_test, y_test)
-        print(f"epoch {epoch + 1}/{epochs} loss {loss.item():.4f} test acc {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
+        penalty = f" mean tr G_x {trace_sum / (len(x_train) // batch):.3g}" if fisher_penalty > 0 else ""
+        print(f"epoch {epoch + 1}/{epochs} loss {loss.item():.4f}{penalty} test acc {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
     return acc
 
 

@@ -1,4 +1,4 @@
-"""The `fisherguard` command: serve, calibrate, evaluate."""
+"""The `fisherguard` command: serve, calibrate, evaluate, examples, train, inspect."""
 
 import argparse
 import sys
@@ -93,6 +93,45 @@ def cmd_examples(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    import importlib
+
+    from service.bundle import SHIPPED
+
+    if a.fisher_penalty < 0:
+        raise ValueError(f"--fisher-penalty must be >= 0, got {a.fisher_penalty}")
+    recipe = importlib.import_module(f"models.{a.bundle}.train")
+    out = a.out or SHIPPED / (f"{a.bundle}-fisherreg" if a.fisher_penalty > 0 else a.bundle)
+    data = a.data or DEFAULT_DATA / ("mnist.npz" if a.bundle == "mnist" else "cifar10_jpeg.npz")
+    options = {"epochs": a.epochs} if a.epochs else {}
+    card = recipe.train(data, out, seed=a.seed, fisher_penalty=a.fisher_penalty, **options)
+    print(f"wrote {out}: test accuracy {card['test_accuracy']}; calibrate it with: fisherguard calibrate --model {out}")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from service.bundle import load_bundle
+    from service.data import Dataset, load_dataset
+    from service.inspection import inspect, markdown, write
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    reports = []
+    for name in a.model or ["mnist"]:
+        bundle = load_bundle(name, _device(a.device))
+        data = load_dataset(a.data or _default_data(bundle.card), a.split, bundle.classes, bundle.input_shape)
+        if a.limit is not None and a.limit < len(data.y):
+            pick = torch.from_numpy(np.sort(np.random.default_rng(1).choice(len(data.y), a.limit, replace=False)))
+            data = Dataset(data.x[pick], data.y[pick], f"{data.description}, seeded subset of {a.limit}", data.sha256)
+        reports.append(inspect(bundle, data, a.batch_size, progress=sys.stderr.isatty()))
+    write(reports, a.out)
+    print(markdown(reports))
+    return 0
+
+
 def _bundle(a: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The bundle named by --model, on --device, with --threads applied."""
     import torch
@@ -165,6 +204,26 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--eps", type=float, default=0.3)
     g.add_argument("--n", type=int, default=4)
     g.set_defaults(func=cmd_examples)
+
+    t = sub.add_parser("train", help="train a bundle with the shipped recipe, optionally with the β·tr G_x Fisher penalty")
+    t.add_argument("--bundle", required=True, choices=["mnist", "cifar10"], help="which shipped recipe")
+    t.add_argument("--fisher-penalty", type=float, default=0.0, help="β >= 0 (default 0: the shipped bundle's recipe)")
+    t.add_argument("--data", type=Path, help="default ../shared/data/mnist.npz or cifar10_jpeg.npz")
+    t.add_argument("--out", type=Path, help="default models/<bundle>-fisherreg (β > 0) or models/<bundle>")
+    t.add_argument("--epochs", type=int, help="default: the recipe's (mnist 8, cifar10 40)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    n = sub.add_parser("inspect", help="report a model's Fisher geometry on clean data (Markdown, JSON, plots)")
+    n.add_argument("--model", action="append", help="bundle name or directory; repeat to compare models (default mnist)")
+    n.add_argument("--data", type=Path, help="npz file or class-folder directory (default ../shared/data/<card's file>)")
+    n.add_argument("--split", default="all", choices=["calibration", "evaluation", "all"])
+    n.add_argument("--limit", type=int, help="at most this many images (seeded subset)")
+    n.add_argument("--out", type=Path, default=Path("bench/results/inspect"))
+    n.add_argument("--batch-size", type=int, default=64)
+    n.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    n.add_argument("--threads", type=int)
+    n.set_defaults(func=cmd_inspect)
     return p
 
 
