@@ -156,12 +156,12 @@ def bench_model(
         k = model(x[:1]).shape[1]
         methods: dict[str, Callable[[], Any]] = dict(floors(model, x, k))
         for s in SCORES:
-            methods[s] = lambda s=s, x=x: compute(model, x, [s])
+            methods[s] = lambda s=s, x=x: compute(model, x, [s])  # type: ignore[misc]
         for h in HEATMAPS:
-            methods[h] = lambda h=h, x=x: compute(model, x, [], [h])
+            methods[h] = lambda h=h, x=x: compute(model, x, [], [h])  # type: ignore[misc]
         if peers:
-            methods["peer:loop fisher_param_trace"] = lambda x=x: loop_param_trace(model, x)
-            methods["peer:vmap(jacrev) fisher_param_trace"] = lambda x=x: vmap_jacrev_param_trace(model, x)
+            methods["peer:loop fisher_param_trace"] = lambda x=x: loop_param_trace(model, x)  # type: ignore[misc]
+            methods["peer:vmap(jacrev) fisher_param_trace"] = lambda x=x: vmap_jacrev_param_trace(model, x)  # type: ignore[misc]
             bp = backpack_param_trace(model, x)
             if bp is not None:
                 methods["peer:backpack BatchDiagGGNExact fisher_param_trace"] = bp

@@ -266,7 +266,7 @@ def test_sigterm_under_load_loses_no_accepted_request(digits) -> None:  # type: 
     try:
         wait_ready(base, 120)
 
-        async def scenario() -> tuple[list[httpx.Response], list[httpx.Response | Exception]]:
+        async def scenario() -> tuple[list[httpx.Response], list[httpx.Response | BaseException]]:
             async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=100)) as c:
                 before = [asyncio.create_task(c.post(base + "/v1/detect", content=png(x[i % 16]), headers=PNG)) for i in range(40)]
                 await _until_async(lambda: _queued(c, base), 30)  # all 40 accepted and queued (the batch waits 1 s)
@@ -280,7 +280,9 @@ def test_sigterm_under_load_loses_no_accepted_request(digits) -> None:  # type: 
         before, after = asyncio.run(scenario())
         assert [r.status_code for r in before] == [200] * 40
         for r in after:
-            assert isinstance(r, httpx.ConnectError) or (r.status_code == 503 and r.json()["error"]["code"] == "shutting_down")
+            assert isinstance(r, httpx.ConnectError) or (
+                isinstance(r, httpx.Response) and r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+            )
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

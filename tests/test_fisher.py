@@ -110,9 +110,11 @@ def test_one_image_alone_or_in_a_batch_gives_the_same_numbers(name: str) -> None
 
 def _confident_mlp(scale: float) -> tuple[nn.Module, tuple[int, int, int]]:
     model, shape = make("mlp")
+    head = model[3] if isinstance(model, nn.Sequential) else None
+    assert isinstance(head, nn.Linear)
     with torch.no_grad():
-        model[3].weight.mul_(scale)
-        model[3].bias.mul_(scale)
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
     return model, shape
 
 

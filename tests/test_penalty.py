@@ -80,7 +80,9 @@ def test_probe_averaged_gradient_is_the_gradient_of_the_exact_trace() -> None:
     model, shape = make("mlp")
     m = double(model)
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(6)).double()
-    w = m[3].weight
+    head = m[3] if isinstance(m, nn.Sequential) else None
+    assert isinstance(head, nn.Linear)
+    w = head.weight
     (grad,) = torch.autograd.grad(mean_over_probes(m, x).sum(), w)
 
     def exact_at(i: int, j: int, step: float) -> float:
