@@ -42,12 +42,18 @@ def make_gallery(bundle: Bundle, data: Dataset, eps: float, n: int = 4, out: Pat
                     "file": name,
                     "kind": kind,
                     "true_label": bundle.classes[int(y[i])],
-                    "attack": f"PGD-L∞ ε={eps}, 40 steps, 8-bit" if kind == "pgd" else None,
+                    "attack": f"PGD-L∞ ε={_eps_text(eps)}, 40 steps, 8-bit" if kind == "pgd" else None,
                     "flagged_when_made": p <= bundle.calibration.alpha,
                 }
             )
     (out / "index.json").write_text(json.dumps(entries, indent=1) + "\n")
     return entries
+
+
+def _eps_text(eps: float) -> str:
+    """8/255 for ε = 0.0314, else the number as given."""
+    steps = round(eps * 255)
+    return f"{steps}/255" if steps and abs(eps * 255 - steps) < 1e-3 else f"{eps:g}"
 
 
 def gallery_urls(bundle_name: str) -> list[dict[str, object]]:

@@ -34,6 +34,11 @@ def mnist() -> Bundle:
     return load_bundle("mnist")
 
 
+@pytest.fixture(scope="session")
+def cifar10() -> Bundle:
+    return load_bundle("cifar10")
+
+
 def png(x: torch.Tensor, mode: str = "L") -> bytes:
     """(1, H, W) or (3, H, W) in [0, 1] -> PNG bytes in the given mode."""
     arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

@@ -2,7 +2,10 @@
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -10,6 +13,9 @@ from service.app import create_app
 from service.bundle import Bundle
 from service.settings import Settings
 from tests.conftest import serving
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 EXAMPLES = Path(__file__).resolve().parent.parent / "service" / "static" / "examples" / "mnist"
@@ -24,38 +30,110 @@ def _chromium() -> str:
     return path
 
 
-@pytest.mark.slow
-def test_upload_and_gallery_in_a_real_browser(mnist: Bundle) -> None:
-    from playwright.sync_api import expect, sync_playwright
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+PAINTED = (
+    "(id) => { const c = document.getElementById(id); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+    " let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] || d[i + 1] || d[i + 2]) n++; return n; }"
+)
+MARKER_RED = (
+    "() => { const c = document.getElementById('hist'); const x = Math.round(parseFloat(c.dataset.marker));"
+    " const d = c.getContext('2d').getImageData(x, 5, 1, 1).data; return [d[0], d[1], d[2]]; }"
+)
+
+
+@contextmanager
+def browser_on(bundle: Bundle) -> Iterator[tuple["Browser", str]]:
+    from playwright.sync_api import sync_playwright
 
     chromium = _chromium()
+    with serving(create_app(Settings(device="cpu"), bundle=bundle)) as base, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
+        try:
+            yield browser, base
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_upload_and_gallery_in_a_real_browser(mnist: Bundle) -> None:
+    from playwright.sync_api import expect
+
     ARTIFACTS.mkdir(exist_ok=True)
-    with serving(create_app(Settings(device="cpu"), bundle=mnist)) as base, sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=chromium,
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--no-first-run",
-            ],
-        )
+    with browser_on(mnist) as (browser, base):
         page = browser.new_page(viewport={"width": 900, "height": 900})
         page.goto(base + "/")
         expect(page.locator("#model")).to_contain_text("mnist v1.0.0 on cpu")
+        expect(page.locator("#model")).to_contain_text("calibrated on n = 4974 clean images")
         page.set_input_files("#file", str(EXAMPLES / "01-clean.png"))
         expect(page.locator("#sentence")).to_contain_text("Not flagged")
         expect(page.locator("#sentence")).to_contain_text("Predicted 3")
+        expect(page.locator("#sentence")).to_contain_text("two-sided p-value (both unusually high and unusually low count)")
+        expect(page.locator("#hist-caption")).to_contain_text("log10 fisher_input_trace on 4974 clean calibration images")
         page.locator("#gallery button").nth(3).click()  # the PGD version of that digit
-        expect(page.locator("#sentence")).to_contain_text("Flagged:")
-        drawn = page.evaluate(
-            "() => { const c = document.getElementById('canvas'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
-            " let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] || d[i + 1] || d[i + 2]) n++; return n; }"
+        expect(page.locator("#sentence")).to_contain_text(
+            "Flagged: fewer than 0.1% of clean calibration images have a fisher_input_trace this low"
         )
-        assert drawn > 1000
-        page.set_input_files("#file", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"})
-        expect(page.locator("#error")).to_contain_text("unsupported_media_type")
+        assert page.evaluate(PAINTED, "canvas") > 1000
+        assert page.evaluate(PAINTED, "hist") > 300
+        r, g, b = page.evaluate(MARKER_RED)
+        assert r > 150 and g < 80 and b < 80  # the image's marker on the histogram
+        page.get_by_role("button", name="show the calibration distribution of margin").click()
+        expect(page.locator("#hist-caption")).to_contain_text("margin on 4974 clean calibration images")
         page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
-        browser.close()
+        page.set_input_files("#file", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"})
+        expect(page.locator("#error")).to_contain_text("That is not an image this server can read. (unsupported_media_type:")
+        page.set_input_files("#file", {"name": "broken.png", "mimeType": "image/png", "buffer": b"\x89PNG\r\n\x1a\n" + b"0" * 40})
+        expect(page.locator("#error")).to_contain_text("could not be decoded")
+
+
+@pytest.mark.slow
+def test_keyboard_only_on_a_narrow_screen(mnist: Bundle) -> None:
+    from playwright.sync_api import expect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with browser_on(mnist) as (browser, base):
+        page = browser.new_page(viewport={"width": 360, "height": 740})
+        page.goto(base + "/")
+        expect(page.locator("#gallery button")).to_have_count(8)
+        for _ in range(20):  # tab from the top of the page to the PGD version of the 3, no mouse
+            page.keyboard.press("Tab")
+            if page.evaluate("() => document.activeElement.getAttribute('aria-label')") == "PGD-L∞ ε=0.3, 40 steps, 8-bit — true label 3":
+                break
+        else:
+            pytest.fail("no gallery example is reachable with Tab")
+        page.keyboard.press("Enter")
+        expect(page.locator("#sentence")).to_contain_text("Flagged:")
+        page.locator("#map").focus()
+        before = page.locator("#map").input_value()
+        page.keyboard.press("ArrowDown")
+        expect(page.locator("#map")).not_to_have_value(before)
+        page.locator("#opacity").focus()
+        page.keyboard.press("ArrowLeft")
+        assert page.locator("#opacity").input_value() == "0.55"
+        width = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], f"page scrolls sideways on a 360 px screen: {width}"
+        box = page.locator("#canvas").bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 360
+        with page.expect_file_chooser() as chooser:
+            page.locator("#drop").focus()
+            page.keyboard.press("Enter")
+        chooser.value.set_files(str(EXAMPLES / "00-clean.png"))
+        expect(page.locator("#sentence")).to_contain_text("Not flagged")
+        page.screenshot(path=str(ARTIFACTS / "page-narrow.png"), full_page=True)
+
+
+@pytest.mark.slow
+def test_cifar10_gallery(cifar10: Bundle) -> None:
+    from playwright.sync_api import expect
+
+    with browser_on(cifar10) as (browser, base):
+        page = browser.new_page(viewport={"width": 900, "height": 900})
+        page.goto(base + "/")
+        expect(page.locator("#model")).to_contain_text("cifar10 v1.0.0 on cpu")
+        expect(page.locator("#gallery button")).to_have_count(8)
+        page.get_by_role("button", name="clean — true label ship").click()
+        expect(page.locator("#sentence")).to_contain_text("Predicted ship")
+        page.get_by_role("button", name="PGD-L∞ ε=8/255, 40 steps, 8-bit — true label ship").click()
+        expect(page.locator("#sentence")).not_to_contain_text("Predicted ship")
+        expect(page.locator("#sentence")).to_contain_text("Flagged:")
+        assert page.evaluate(PAINTED, "canvas") > 1000

@@ -1,6 +1,19 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
-let result = null, image = null;
+let result = null, image = null, info = null, shown = null;
+const calibration = {};  // score -> sorted clean calibration values (thresholded form)
+const FRIENDLY = {
+  payload_too_large: "The file (or its pixel count) is too large for this server.",
+  unsupported_media_type: "That is not an image this server can read.",
+  bad_image: "The file could not be decoded as an image.",
+  non_finite: "The image holds values that are not finite numbers.",
+  unauthorized: "The server needs an API key: enter it above.",
+  forbidden: "The API key was not accepted.",
+  overloaded: "The server is busy: try again in a moment.",
+  queue_timeout: "The server is busy: try again in a moment.",
+  shutting_down: "The server is restarting: try again in a moment.",
+  not_ready: "The model is still loading: try again in a moment.",
+};
 
 function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; }
 function auth() { const k = $("key").value.trim(); return k ? { authorization: "Bearer " + k } : {}; }
@@ -9,6 +22,7 @@ async function loadModel() {
   const r = await fetch("/v1/model", { headers: auth() });
   if (!r.ok) { $("model").textContent = "model not ready"; return; }
   const m = await r.json(), c = m.card, cal = m.calibration;
+  info = m;
   const g = $("gallery"); g.innerHTML = "";
   for (const e of m.examples || []) {
     const b = document.createElement("button");
@@ -28,7 +42,11 @@ async function detect(file) {
   const r = await fetch("/v1/detect?scores=all&heatmaps=fis,eigvec,fisher_diag,saliency", {
     method: "POST", headers: { "content-type": file.type || "application/octet-stream", ...auth() }, body: file });
   const body = await r.json();
-  if (!r.ok) { showError(`${body.error.code}: ${body.error.message}`); return; }
+  if (!r.ok) {
+    const e = body.error || { code: `http_${r.status}`, message: r.statusText };
+    showError(`${FRIENDLY[e.code] || "The request failed."} (${e.code}: ${e.message})`);
+    return;
+  }
   result = body.results[0];
   image = await createImageBitmap(file);
   render();
@@ -39,22 +57,77 @@ function colour(t, signed) {  // t in [0,1]; signed maps: blue-white-red, else b
   return [255 * Math.min(1, 2 * t), 255 * Math.max(0, 2 * t - 1), 40];
 }
 
+async function calibrationValues(score) {
+  if (!(score in calibration)) {
+    const r = await fetch(`/v1/model/calibration/${score}`, { headers: auth() });
+    calibration[score] = r.ok ? (await r.json()).values : null;
+  }
+  return calibration[score];
+}
+
+function thresholded(score, raw) {  // the form the calibration keeps: log10 for Fisher scores
+  return info && info.scores[score] && info.scores[score].log10 ? Math.log10(Math.max(raw, 1e-30)) : raw;
+}
+
+function sideOf(values, t, direction) {  // "high" or "low": which tail the value sits in
+  if (direction === "high" || direction === "low") return direction;
+  return t >= values[Math.floor(values.length / 2)] ? "high" : "low";
+}
+
+function fractionAsExtreme(values, t, side) {
+  const n = side === "high" ? values.filter((v) => v >= t).length : values.filter((v) => v <= t).length;
+  return n / values.length;
+}
+
+function pct(f) { return f < 0.001 ? "fewer than 0.1%" : f < 0.1 ? `${(100 * f).toFixed(1)}%` : `${Math.round(100 * f)}%`; }
+
 async function render() {
   const d = result.decision;
   $("verdict").hidden = false;
+  const values = await calibrationValues(d.statistic), t = thresholded(d.statistic, result.scores[d.statistic]);
+  const twoSided = d.tail === "two-sided";
+  const side = values ? sideOf(values, t, twoSided ? null : info.scores[d.statistic].direction) : "high";
+  const frac = values ? fractionAsExtreme(values, t, side) : NaN;
+  const share = pct(frac), few = share.startsWith("fewer");
   $("sentence").innerHTML = `Predicted <b>${result.label}</b> (confidence ${result.confidence.toFixed(4)}). ` +
-    (d.flagged ? `<span class="flagged">Flagged</span>: ` : `<span class="clean">Not flagged</span>: `) +
-    `only ${(100 * d.p_value).toFixed(2)}% of clean calibration images have a ${d.statistic} at least this unusual ` +
-    `(p = ${d.p_value.toFixed(4)} ${d.flagged ? "≤" : ">"} α = ${d.alpha}).`;
+    (d.flagged ? `<span class="flagged">Flagged</span>: ${few ? "" : "only "}` : `<span class="clean">Not flagged</span>: `) +
+    `${share} of clean calibration images have a ${d.statistic} this ${side} or ${side === "high" ? "higher" : "lower"}. ` +
+    `Its ${twoSided ? "two-sided p-value (both unusually high and unusually low count)" : "p-value"} is ${d.p_value.toFixed(4)}, ` +
+    `${d.flagged ? "at or below" : "above"} α = ${d.alpha}, the share of clean images the threshold may flag.`;
   const tbody = $("scores").querySelector("tbody"); tbody.innerHTML = "";
   for (const [k, v] of Object.entries(result.scores)) {
     const tr = document.createElement("tr");
-    tr.innerHTML = `<td>${k}</td><td>${v.toExponential(3)}</td><td>${(result.p_values[k] ?? NaN).toFixed(4)}</td>`;
+    tr.innerHTML = `<td><button type="button" class="score" aria-label="show the calibration distribution of ${k}">${k}</button></td>` +
+      `<td>${v.toExponential(3)}</td><td>${(result.p_values[k] ?? NaN).toFixed(4)}</td>`;
+    tr.querySelector("button").addEventListener("click", () => histogram(k));
     tbody.appendChild(tr);
   }
   const sel = $("map");
   if (!sel.options.length) for (const k of Object.keys(result.heatmaps)) sel.add(new Option(k, k));
+  await histogram(shown && shown in result.scores ? shown : d.statistic);
   await draw();
+}
+
+async function histogram(score) {  // the clean calibration distribution of one score, with this image marked
+  shown = score;
+  const values = await calibrationValues(score), cv = $("hist"), ctx = cv.getContext("2d");
+  ctx.clearRect(0, 0, cv.width, cv.height);
+  if (!values || !values.length) { $("hist-caption").textContent = `no calibration values for ${score}`; return; }
+  const t = thresholded(score, result.scores[score]);
+  const lo = Math.min(values[0], t), hi = Math.max(values[values.length - 1], t), bins = 40, w = cv.width, h = cv.height - 14;
+  const width = (hi - lo) / bins || 1, counts = new Array(bins).fill(0);
+  for (const v of values) counts[Math.min(bins - 1, Math.floor((v - lo) / width))]++;
+  const top = Math.max(...counts);
+  ctx.fillStyle = "#7a9cb8";
+  counts.forEach((c, i) => ctx.fillRect((i * w) / bins + 0.5, h - (h * c) / top, w / bins - 1, (h * c) / top));
+  const x = Math.min(w - 2, Math.max(1, ((t - lo) / (hi - lo || 1)) * w));
+  ctx.fillStyle = "#c0182b"; ctx.fillRect(x - 1, 0, 3, h);
+  ctx.beginPath(); ctx.moveTo(x, h); ctx.lineTo(x - 6, h + 12); ctx.lineTo(x + 6, h + 12); ctx.fill();
+  const log = info.scores[score] && info.scores[score].log10;
+  cv.dataset.marker = String(x);
+  $("hist-lo").textContent = lo.toPrecision(3); $("hist-hi").textContent = hi.toPrecision(3);
+  $("hist-caption").textContent = `${log ? "log10 " : ""}${score} on ${values.length} clean calibration images; ` +
+    `red marker: this image (${t.toPrecision(3)}, p = ${(result.p_values[score] ?? NaN).toFixed(4)})`;
 }
 
 async function draw() {
