@@ -192,7 +192,9 @@ def evaluate(
     if limit is not None and limit < len(x):
         pick = np.sort(np.random.default_rng(1).choice(len(x), limit, replace=False))
         x, y = x[pick], y[pick]
+    per_image: dict[str, np.ndarray] = {f"clean/{k}": v for k, v in clean.items()} | {f"calibration/{k}": v for k, v in cal_values.items()}
     report: dict[str, Any] = {
+        "per_image": per_image,  # thresholded-form values per image, for offline analysis (write() puts them in scores.npz)
         "bundle": {"name": bundle.name, "version": bundle.card["version"], "weights_sha256": bundle.weights_sha256},
         "data": data.description,
         "calibration": cal.summary() | {"scores": None},
@@ -218,6 +220,7 @@ def evaluate(
         delta = (adv - x)[hit].flatten(1)
         adv_scores, _ = score_batches(model, adv[hit], names, cal.score_options, batch_size, progress)
         adv_scores |= _baseline_values(model, adv[hit], baselines, batch_size)
+        per_image |= {f"{attack.name}/{k}": v for k, v in adv_scores.items()}
         rows = _rows(cal_values, direction, clean, adv_scores, alphas)
         pc, pa = cal.decision_p_value(clean[cal.statistic]), cal.decision_p_value(adv_scores[cal.statistic])
         stat = {f"tpr@{al}": float((pa <= al).mean()) for al in alphas} | {f"fpr@{al}": float((pc <= al).mean()) for al in alphas}
@@ -299,6 +302,10 @@ def plot_roc(report: dict[str, Any], out: Path, top: int = 6) -> None:
 
 
 def write(report: dict[str, Any], out: Path) -> None:
+    """report.json, report.md, and scores.npz (every image's score values, keyed attack/score)."""
     out.mkdir(parents=True, exist_ok=True)
+    per_image = report.get("per_image", {})
+    np.savez_compressed(out / "scores.npz", **per_image)  # type: ignore[arg-type]
+    report = {k: v for k, v in report.items() if k != "per_image"}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
