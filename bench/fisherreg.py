@@ -95,7 +95,11 @@ def markdown(rows: list[dict[str, Any]], eps_list: list[float]) -> str:
         for e in eps_list:
             a = r["attacks"][f"pgd_linf:{e:g}"]
             tpr = a["tpr"]["0.05"]
-            cells.append(f"{a['robust_accuracy']:.3f} | {a['decision_auc']:.3f} | {tpr:.3f}" if tpr is not None else f"{a['robust_accuracy']:.3f} | – | –")
+            cells.append(
+                f"{a['robust_accuracy']:.3f} | {a['decision_auc']:.3f} | {tpr:.3f}"
+                if tpr is not None
+                else f"{a['robust_accuracy']:.3f} | – | –"
+            )
         lines.append(
             f"| {r['beta']:g} | {r['test_accuracy']:.4f} | {r['log10_lambda_max_clean']['q50']:.2f} | {r['clean_fpr']['0.05']:.3f} | "
             + " | ".join(cells)

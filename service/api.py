@@ -169,7 +169,7 @@ def _verdict(
     stat = state.bundle.calibration.statistic
     shown = {k: outcome.scores[k] for k in scores}
     pv = p_values(state.bundle, shown)
-    p = decision_p_value(state.bundle, outcome.scores[stat])
+    p = decision_p_value(state.bundle, outcome.scores)
     flagged = p <= alpha
     state.metrics.p_value.observe(p)
     if flagged:
@@ -185,7 +185,9 @@ def _verdict(
         "confidence": outcome.confidence,
         "scores": shown,
         "p_values": pv,
-        "decision": {"statistic": stat, "tail": state.bundle.calibration.tail, "p_value": p, "alpha": alpha, "flagged": flagged},
+        "decision": {"statistic": stat, "tail": state.bundle.calibration.tail}
+        | ({"components": state.bundle.calibration.summary()["components"]} if state.bundle.calibration.combination else {})
+        | {"p_value": p, "alpha": alpha, "flagged": flagged},
         "heatmaps": {k: heatmap_png.encode(v) for k, v in outcome.heatmaps.items()},
     }
 
@@ -224,8 +226,8 @@ async def _detect(
     request: Request, state: State, t0: float, heatmaps: str | None, scores: str | None, alpha: float | None, timeout_ms: float | None
 ) -> JSONResponse:
     assert state.bundle is not None and state.batcher is not None and state.bundle.calibration is not None
-    stat = state.bundle.calibration.statistic
-    score_names = tuple(dict.fromkeys((*_names(scores, SCORES, "scores", BASELINES), stat)))
+    needed = state.bundle.calibration.decision_scores
+    score_names = tuple(dict.fromkeys((*_names(scores, SCORES, "scores", BASELINES), *needed)))
     map_names = _names(heatmaps, HEATMAPS, "heatmaps", ())
     if map_names and not state.settings.expose_details:
         raise ServiceError(403, "forbidden", "this server does not return heatmaps (expose_details is off)")
@@ -303,7 +305,7 @@ async def model_info(request: Request) -> dict[str, Any]:
         "device": state.device,
         "calibration": cal.summary() if cal else None,
         "scores": {k: {"direction": v.direction, "log10": v.log} for k, v in SCORES.items()},
-        "default_scores": list(dict.fromkeys((*BASELINES, cal.statistic))) if cal else list(BASELINES),
+        "default_scores": list(dict.fromkeys((*BASELINES, *cal.decision_scores))) if cal else list(BASELINES),
         "heatmaps": list(HEATMAPS),
         "examples": gallery_urls(state.bundle.name),
         "batching": {

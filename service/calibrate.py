@@ -1,11 +1,12 @@
 """`fisherguard calibrate`: clean, correctly classified images -> calibration.json (design.md §5)."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from service.bundle import Bundle
-from service.calibration import Calibration
+from service.calibration import COMBINED, Calibration, Combination, Component
 from service.data import Dataset
 from service.fisher import SCORES
 from service.scoring import score_batches
@@ -22,13 +23,18 @@ def calibrate(
     batch_size: int = 64,
     progress: bool = False,
     options: dict[str, Any] | None = None,
+    components: Sequence[Component] = (),
 ) -> Calibration:
-    """Scores every clean image the model classifies correctly; keeps the sorted values per score."""
-    if statistic not in SCORES:
-        raise ValueError(f"unknown decision statistic {statistic!r}; known: {sorted(SCORES)}")
+    """Scores every clean image the model classifies correctly; keeps the sorted values per score.
+    statistic "combined" fits a Combination of `components` on two seeded halves of those images."""
+    if statistic not in SCORES and statistic != COMBINED:
+        raise ValueError(f"unknown decision statistic {statistic!r}; known: {sorted(SCORES)} or {COMBINED!r}")
+    if (statistic == COMBINED) != bool(components):
+        raise ValueError("components go with the statistic 'combined', and it needs at least one")
     opts = {**DEFAULT_OPTIONS, **(options or {})}
     values, pred = score_batches(bundle.model, data.x, list(SCORES), opts, batch_size, progress)
     correct = pred == data.y.numpy()
+    combination = Combination.fit(components, {k: v[correct] for k, v in values.items()}) if components else None
     return Calibration(
         weights_sha256=bundle.weights_sha256,
         data={
@@ -42,4 +48,5 @@ def calibrate(
         values={k: np.sort(v[correct]) for k, v in values.items()},
         score_options=opts,
         tail=tail,
+        combination=combination,
     )

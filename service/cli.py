@@ -26,6 +26,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_calibrate(a: argparse.Namespace) -> int:
 
     from service.calibrate import calibrate
+    from service.calibration import COMBINED, Component
     from service.data import load_dataset
 
     bundle = _bundle(a)
@@ -35,7 +36,10 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     c, h, w = bundle.input_shape
     data = load_dataset(a.data or _default_data(bundle.card), a.split, bundle.classes, (c, h, w))
     tail = a.tail or (bundle.calibration.tail if bundle.calibration else "one-sided")
-    cal = calibrate(bundle, data, a.alpha, statistic, tail, a.batch_size, progress=sys.stderr.isatty())
+    components = [Component(*c.split(":", 1)) for c in a.components.split(",")] if a.components else []
+    if statistic == COMBINED and not components and bundle.calibration and bundle.calibration.combination:
+        components = list(bundle.calibration.combination.components)
+    cal = calibrate(bundle, data, a.alpha, statistic, tail, a.batch_size, progress=sys.stderr.isatty(), components=components)
     out = a.out or bundle.path / "calibration.json"
     cal.save(out)
     print(
@@ -171,7 +175,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data", type=Path, help="npz file or class-folder directory (default ../shared/data/<card's file>)")
     c.add_argument("--split", default="calibration", choices=["calibration", "evaluation", "all"])
     c.add_argument("--alpha", type=float, default=0.01)
-    c.add_argument("--statistic", choices=sorted(SCORES), help="decision statistic (default: the bundle's current one)")
+    c.add_argument("--statistic", choices=[*sorted(SCORES), "combined"], help="decision statistic (default: the bundle's current one)")
+    c.add_argument(
+        "--components",
+        help="with --statistic combined: SCORE:TAIL,… (TAIL one-sided|two-sided); the decision is the smallest of their "
+        "p-values, calibrated on half of the clean images",
+    )
     c.add_argument("--tail", choices=["one-sided", "two-sided"], help="decision p-value: the score's own direction, or both tails")
     c.add_argument("--out", type=Path, help="default: <bundle>/calibration.json")
     c.add_argument("--batch-size", type=int, default=64)

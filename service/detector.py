@@ -84,9 +84,9 @@ def p_values(bundle: Bundle, scores: dict[str, float]) -> dict[str, float]:
     }
 
 
-def decision_p_value(bundle: Bundle, raw: float) -> float:
-    """The p-value the flag is decided on (the calibration's statistic and tail)."""
+def decision_p_value(bundle: Bundle, raw: dict[str, float]) -> float:
+    """The p-value the flag is decided on, from one image's raw scores (at least the decision's)."""
     cal = bundle.calibration
     assert cal is not None
-    t = to_log10(cal.statistic, torch.tensor([raw], dtype=torch.float64)).numpy()
+    t = {k: to_log10(k, torch.tensor([raw[k]], dtype=torch.float64)).numpy() for k in cal.decision_scores}
     return float(cal.decision_p_value(t)[0])

@@ -201,7 +201,7 @@ def evaluate(
         "baselines": sorted(baselines),
         "clean": {
             "n": int(ok.sum()),
-            "decision_fpr": {str(a): float((cal.decision_p_value(clean[cal.statistic]) <= a).mean()) for a in alphas},
+            "decision_fpr": {str(a): float((cal.decision_p_value(clean) <= a).mean()) for a in alphas},
             "fpr": {
                 k: {str(a): float((conformal_p_value(cal_values[k], clean[k], direction[k]) <= a).mean()) for a in alphas}
                 for k in cal_values
@@ -222,7 +222,7 @@ def evaluate(
         adv_scores |= _baseline_values(model, adv[hit], baselines, batch_size)
         per_image |= {f"{attack.name}/{k}": v for k, v in adv_scores.items()}
         rows = _rows(cal_values, direction, clean, adv_scores, alphas)
-        pc, pa = cal.decision_p_value(clean[cal.statistic]), cal.decision_p_value(adv_scores[cal.statistic])
+        pc, pa = cal.decision_p_value(clean), cal.decision_p_value(adv_scores)
         stat = {f"tpr@{al}": float((pa <= al).mean()) for al in alphas} | {f"fpr@{al}": float((pc <= al).mean()) for al in alphas}
         report["attacks"][attack.name] = {
             "control": attack.control,

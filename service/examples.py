@@ -25,8 +25,9 @@ def make_gallery(bundle: Bundle, data: Dataset, eps: float, n: int = 4, out: Pat
     order = np.random.default_rng(3).permutation(len(data.x))[: 8 * n]
     x, y = data.x[order], data.y[order]
     adv = attacks.quantise(attacks.pgd_linf(bundle.model, x, y, eps))
-    rc = compute(bundle.model, x, [bundle.calibration.statistic], **bundle.calibration.score_options)
-    ra = compute(bundle.model, adv, [bundle.calibration.statistic], **bundle.calibration.score_options)
+    needed = bundle.calibration.decision_scores
+    rc = compute(bundle.model, x, needed, **bundle.calibration.score_options)
+    ra = compute(bundle.model, adv, needed, **bundle.calibration.score_options)
     entries: list[dict[str, object]] = []
     for i in range(len(x)):
         if len(entries) == 2 * n:
@@ -36,7 +37,7 @@ def make_gallery(bundle: Bundle, data: Dataset, eps: float, n: int = 4, out: Pat
         for kind, img, r in (("clean", x[i], rc), ("pgd", adv[i], ra)):
             name = f"{len(entries) // 2:02d}-{kind}.png"
             (out / name).write_bytes(encode_png(img))
-            p = decision_p_value(bundle, float(r.scores[bundle.calibration.statistic][i]))
+            p = decision_p_value(bundle, {k: float(r.scores[k][i]) for k in needed})
             entries.append(
                 {
                     "file": name,

@@ -23,6 +23,7 @@ class ModelRef(BaseModel):
 class Decision(BaseModel):
     statistic: str
     tail: Literal["one-sided", "two-sided"]
+    components: list[dict[str, str]] | None = None  # a combined decision's scores and tails
     p_value: float
     alpha: float
     flagged: bool

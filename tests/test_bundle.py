@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from service.bundle import Bundle, BundleError, load_bundle
-from service.calibration import Calibration
+from service.calibration import COMBINED, Calibration, Combination, Component
 from service.fisher import HEATMAPS, SCORES, compute
 
 
@@ -116,7 +116,7 @@ def test_conformal_p_values_count_as_defined() -> None:
     low = Calibration("w", {}, 0.05, "margin", {"margin": np.array([1.0, 2.0, 3.0, 4.0])})
     assert low.p_value("margin", np.array([0.0, 2.0, 9.0])).tolist() == [1 / 5, 3 / 5, 1.0]  # (1 + #{c ≤ t}) / (n + 1)
     two = _cal(np.array([1.0, 2.0, 3.0, 4.0]), tail="two-sided")
-    assert two.decision_p_value(np.array([0.0, 2.5, 9.0])).tolist() == [2 / 5, 1.0, 2 / 5]
+    assert two.decision_p_value({"sensitivity": np.array([0.0, 2.5, 9.0])}).tolist() == [2 / 5, 1.0, 2 / 5]
 
 
 @pytest.mark.parametrize("tail", ["one-sided", "two-sided"])
@@ -126,10 +126,60 @@ def test_the_false_positive_rate_is_at_most_alpha_on_exchangeable_data(tail: str
     hits = 0
     for _ in range(trials):
         data = rng.standard_normal(n + 1)
-        hits += int(_cal(data[:n], tail=tail).decision_p_value(data[n:])[0] <= alpha)
+        hits += int(_cal(data[:n], tail=tail).decision_p_value({"sensitivity": data[n:]})[0] <= alpha)
     rate = hits / trials
     assert rate <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)  # ≤ α up to sampling noise
     assert rate >= alpha - 0.02  # and not vacuous
+
+
+def _combined(clean: dict[str, np.ndarray]) -> Calibration:
+    combo = Combination.fit([Component("margin", "two-sided"), Component("sensitivity", "one-sided")], clean)
+    return Calibration("w", {}, 0.05, COMBINED, {k: np.sort(v) for k, v in clean.items()}, tail="one-sided", combination=combo)
+
+
+def test_combined_decision_counts_as_defined() -> None:
+    clean = {"margin": np.arange(8.0), "sensitivity": np.arange(8.0)[::-1].copy()}
+    cal = _combined(clean)
+    a = np.random.default_rng(0).permutation(8)[:4]  # part A: the reference values
+    assert cal.combination is not None and cal.combination.reference["margin"].tolist() == sorted(clean["margin"][a].tolist())
+    assert cal.n == 4 and cal.decision_scores == ("margin", "sensitivity")
+    t = {"margin": np.array([100.0]), "sensitivity": np.array([3.5])}
+    ref_m, ref_s = cal.combination.reference["margin"], cal.combination.reference["sensitivity"]
+    p_margin = min(1.0, 2 * min((1 + (ref_m >= 100).sum()) / 5, (1 + (ref_m <= 100).sum()) / 5))
+    p_sens = (1 + (ref_s >= 3.5).sum()) / 5
+    m = min(p_margin, p_sens)
+    assert cal.decision_p_value(t).tolist() == [(1 + (cal.combination.values <= m).sum()) / 5]
+
+
+def test_combined_decision_keeps_the_false_positive_guarantee() -> None:
+    """Correlated scores, the minimum of two p-values: uncorrected it would flag up to 2α; calibrated, ≤ α."""
+    rng = np.random.default_rng(1)
+    n, alpha, trials = 200, 0.05, 3000
+    hits = naive = 0
+    for _ in range(trials):
+        z = rng.standard_normal((n + 1, 2))
+        clean = {"margin": z[:, 0], "sensitivity": 0.3 * z[:, 0] + z[:, 1]}
+        cal = _combined({k: v[:n] for k, v in clean.items()})
+        assert cal.combination is not None
+        test = {k: v[n:] for k, v in clean.items()}
+        hits += int(cal.decision_p_value(test)[0] <= alpha)
+        naive += int(cal.combination.min_p(test)[0] <= alpha)
+    rate = hits / trials
+    assert rate <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials) and rate >= alpha - 0.02
+    assert naive / trials > 1.4 * alpha  # what the calibration step corrects
+
+
+def test_combined_calibration_json_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    cal = _combined({"margin": rng.standard_normal(50), "sensitivity": rng.standard_normal(50)})
+    cal.save(tmp_path / "c.json")
+    again = Calibration.load(tmp_path / "c.json")
+    t = {"margin": rng.standard_normal(20), "sensitivity": rng.standard_normal(20)}
+    assert again.statistic == "combined" and again.n == 25 and np.allclose(again.decision_p_value(t), cal.decision_p_value(t))
+    d = json.loads((tmp_path / "c.json").read_text())["decision"]
+    assert d["components"] == [{"score": "margin", "tail": "two-sided"}, {"score": "sensitivity", "tail": "one-sided"}]
+    with pytest.raises(ValueError, match="needs its combination"):
+        Calibration("w", {}, 0.05, COMBINED, {})
 
 
 def test_calibration_json_round_trip(tmp_path: Path, mnist: Bundle) -> None:

@@ -12,9 +12,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from service.app import create_app
 from service.bundle import Bundle, load_bundle
 from service.cli import main
+from service.settings import Settings
 from tests.conftest import FIXTURES, png, wait_ready
 
 
@@ -37,6 +40,27 @@ def test_calibrate_writes_a_calibration_the_bundle_accepts(tmp_path: Path, small
     assert d["weights_sha256"] == mnist.weights_sha256
     assert d["scores"]["margin"]["values"] == sorted(d["scores"]["margin"]["values"])
     assert load_bundle(dst).calibration.n == 16  # type: ignore[union-attr]
+
+
+def test_calibrate_a_combined_decision_and_serve_it(tmp_path: Path, small_npz: Path, mnist: Bundle) -> None:
+    dst = tmp_path / "b"
+    shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    args = ["calibrate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--alpha", "0.2"]
+    assert main([*args, "--statistic", "combined", "--components", "fisher_input_trace:two-sided,fisher_noise_kl:one-sided"]) == 0
+    d = json.loads((dst / "calibration.json").read_text())["decision"]
+    assert d["statistic"] == "combined" and len(d["values"]) == 8 and sorted(d["reference"]) == ["fisher_input_trace", "fisher_noise_kl"]
+    bundle = load_bundle(dst)
+    with TestClient(create_app(Settings(device="cpu"), bundle=bundle)) as client:
+        r = client.post("/v1/detect?scores=margin", content=(FIXTURES / "digit.png").read_bytes(), headers={"content-type": "image/png"})
+    res = r.json()["results"][0]
+    assert r.status_code == 200 and set(res["scores"]) == {"margin", "fisher_input_trace", "fisher_noise_kl"}
+    assert res["decision"]["components"] == [
+        {"score": "fisher_input_trace", "tail": "two-sided"},
+        {"score": "fisher_noise_kl", "tail": "one-sided"},
+    ]
+    assert res["decision"]["p_value"] in [k / 9 for k in range(1, 10)]  # (1 + #{b: m_b ≤ m}) / (8 + 1)
+    assert main([*args, "--statistic", "combined"]) == 0  # keeps the bundle's components
+    assert main([*args, "--statistic", "margin", "--components", "margin:one-sided"]) == 2
 
 
 def test_calibrate_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

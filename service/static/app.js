@@ -84,16 +84,21 @@ function pct(f) { return f < 0.001 ? "fewer than 0.1%" : f < 0.1 ? `${(100 * f).
 async function render() {
   const d = result.decision;
   $("verdict").hidden = false;
-  const values = await calibrationValues(d.statistic), t = thresholded(d.statistic, result.scores[d.statistic]);
+  const combined = !!d.components;
+  const stat = combined ? d.components[0].score : d.statistic;
+  const values = await calibrationValues(stat), t = thresholded(stat, result.scores[stat]);
   const twoSided = d.tail === "two-sided";
-  const side = values ? sideOf(values, t, twoSided ? null : info.scores[d.statistic].direction) : "high";
+  const side = values ? sideOf(values, t, twoSided ? null : info.scores[stat].direction) : "high";
   const frac = values ? fractionAsExtreme(values, t, side) : NaN;
   const share = pct(frac), few = share.startsWith("fewer");
-  $("sentence").innerHTML = `Predicted <b>${result.label}</b> (confidence ${result.confidence.toFixed(4)}). ` +
-    (d.flagged ? `<span class="flagged">Flagged</span>: ${few ? "" : "only "}` : `<span class="clean">Not flagged</span>: `) +
-    `${share} of clean calibration images have a ${d.statistic} this ${side} or ${side === "high" ? "higher" : "lower"}. ` +
-    `Its ${twoSided ? "two-sided p-value (both unusually high and unusually low count)" : "p-value"} is ${d.p_value.toFixed(4)}, ` +
-    `${d.flagged ? "at or below" : "above"} α = ${d.alpha}, the share of clean images the threshold may flag.`;
+  const verdict = d.flagged ? `<span class="flagged">Flagged</span>: ` : `<span class="clean">Not flagged</span>: `;
+  const against = `${d.flagged ? "at or below" : "above"} α = ${d.alpha}, the share of clean images the threshold may flag.`;
+  $("sentence").innerHTML = `Predicted <b>${result.label}</b> (confidence ${result.confidence.toFixed(4)}). ` + verdict + (combined
+    ? `the most unusual of its ${d.components.map((c) => `${c.score} (${c.tail})`).join(", ")} p-values, measured against ` +
+      `clean images, gives a combined p-value of ${d.p_value.toFixed(4)}, ${against}`
+    : `${d.flagged && !few ? "only " : ""}${share} of clean calibration images have a ${d.statistic} this ${side} or ` +
+      `${side === "high" ? "higher" : "lower"}. Its ${twoSided ? "two-sided p-value (both unusually high and unusually low count)" : "p-value"} ` +
+      `is ${d.p_value.toFixed(4)}, ${against}`);
   const tbody = $("scores").querySelector("tbody"); tbody.innerHTML = "";
   for (const [k, v] of Object.entries(result.scores)) {
     const tr = document.createElement("tr");
@@ -104,7 +109,7 @@ async function render() {
   }
   const sel = $("map");
   if (!sel.options.length) for (const k of Object.keys(result.heatmaps)) sel.add(new Option(k, k));
-  await histogram(shown && shown in result.scores ? shown : d.statistic);
+  await histogram(shown && shown in result.scores ? shown : stat);
   await draw();
 }
 
