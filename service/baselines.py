@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.fisher import SCORES, ScoreSpec
+
+SPECS: dict[str, ScoreSpec] = {"mahalanobis": ScoreSpec("high", False), "feature_squeezing": ScoreSpec("high", False)}
+KNOWN: dict[str, ScoreSpec] = SCORES | SPECS  # every score a calibration may hold
+
 
 def penultimate(model: nn.Module, x: Tensor) -> Tensor:
     """The input of the model's last nn.Linear: the penultimate features. -> (N, F)."""

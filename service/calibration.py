@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.fisher import SCORES
+from service.baselines import KNOWN
 
 FORMAT = 1
 TAILS = ("one-sided", "two-sided")
@@ -56,7 +56,7 @@ class Combination:
 
     def min_p(self, t: Mapping[str, np.ndarray]) -> np.ndarray:
         """m(x) = min_j p_j(x) against part A. t: score -> thresholded values (any common shape)."""
-        ps = [tail_p_value(self.reference[c.score], np.asarray(t[c.score]), SCORES[c.score].direction, c.tail) for c in self.components]
+        ps = [tail_p_value(self.reference[c.score], np.asarray(t[c.score]), KNOWN[c.score].direction, c.tail) for c in self.components]
         return np.minimum.reduce(ps)
 
     def p_value(self, t: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -66,8 +66,8 @@ class Combination:
     def fit(cls, components: Sequence[Component], clean: Mapping[str, np.ndarray], seed: int = 0) -> "Combination":
         """Splits the clean images (values aligned across scores) at random into parts A and B."""
         for c in components:
-            if c.score not in SCORES or c.tail not in TAILS:
-                raise ValueError(f"component {c.score}:{c.tail} is not a known score and tail ({sorted(SCORES)}; {TAILS})")
+            if c.score not in KNOWN or c.tail not in TAILS:
+                raise ValueError(f"component {c.score}:{c.tail} is not a known score and tail ({sorted(KNOWN)}; {TAILS})")
         n = len(clean[components[0].score])
         perm = np.random.default_rng(seed).permutation(n)
         a, b = perm[: n // 2], perm[n // 2 :]
@@ -87,7 +87,7 @@ class Combination:
     def from_json(cls, d: dict[str, Any]) -> "Combination":
         components = tuple(Component(c["score"], c["tail"]) for c in d["components"])
         for c in components:
-            if c.score not in SCORES or c.tail not in TAILS:
+            if c.score not in KNOWN or c.tail not in TAILS:
                 raise ValueError(f"combined decision component {c.score}:{c.tail} is not a known score and tail")
         reference = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in d["reference"].items()}
         return cls(components, reference, np.sort(np.asarray(d["values"], dtype=np.float64)))
@@ -126,14 +126,14 @@ class Calibration:
 
     def p_value(self, name: str, t: np.ndarray) -> np.ndarray:
         """Conformal p-values of thresholded-form scores t (any shape) against the clean values."""
-        return conformal_p_value(self.values[name], t, SCORES[name].direction)
+        return conformal_p_value(self.values[name], t, KNOWN[name].direction)
 
     def decision_p_value(self, t: Mapping[str, np.ndarray]) -> np.ndarray:
         """The p-value the flag is decided on, from thresholded scores t (name -> values; at least
         decision_scores). Two-sided: min(1, 2·min(p_upper, p_lower)), still valid; combined: see Combination."""
         if self.combination is not None:
             return self.combination.p_value(t)
-        return tail_p_value(self.values[self.statistic], np.asarray(t[self.statistic]), SCORES[self.statistic].direction, self.tail)
+        return tail_p_value(self.values[self.statistic], np.asarray(t[self.statistic]), KNOWN[self.statistic].direction, self.tail)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -146,7 +146,7 @@ class Calibration:
             "score_options": self.score_options,
             "created": self.created,
             "scores": {
-                k: {"direction": SCORES[k].direction, "log10": SCORES[k].log, "values": [float(f"{v:.9g}") for v in vals]}
+                k: {"direction": KNOWN[k].direction, "log10": KNOWN[k].log, "values": [float(f"{v:.9g}") for v in vals]}
                 for k, vals in self.values.items()
             },
         }
@@ -158,7 +158,7 @@ class Calibration:
     def from_json(cls, d: dict[str, Any]) -> "Calibration":
         if d.get("format") != FORMAT:
             raise ValueError(f"calibration format {d.get('format')!r} is not supported (expected {FORMAT})")
-        values = {k: np.sort(np.asarray(v["values"], dtype=np.float64)) for k, v in d["scores"].items() if k in SCORES}
+        values = {k: np.sort(np.asarray(v["values"], dtype=np.float64)) for k, v in d["scores"].items() if k in KNOWN}
         statistic = d["decision"]["statistic"]
         combination = Combination.from_json(d["decision"]) if statistic == COMBINED else None
         if combination is None and statistic not in values:
