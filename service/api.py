@@ -15,12 +15,13 @@ from starlette.datastructures import UploadFile
 
 from service import heatmaps as heatmap_png
 from service import images
+from service.baselines import KNOWN
 from service.batcher import Batcher, Job
 from service.bundle import Bundle
 from service.detector import Outcome, decision_p_value, p_values
 from service.errors import ServiceError, bad_request
 from service.examples import gallery_urls
-from service.fisher import HEATMAPS, SCORES
+from service.fisher import HEATMAPS
 from service.metrics import Metrics
 from service.schemas import DetectResponse, ErrorResponse
 from service.settings import Settings
@@ -227,7 +228,7 @@ async def _detect(
 ) -> JSONResponse:
     assert state.bundle is not None and state.batcher is not None and state.bundle.calibration is not None
     needed = state.bundle.calibration.decision_scores
-    score_names = tuple(dict.fromkeys((*_names(scores, SCORES, "scores", BASELINES), *needed)))
+    score_names = tuple(dict.fromkeys((*_names(scores, state.bundle.scores, "scores", BASELINES), *needed)))
     map_names = _names(heatmaps, HEATMAPS, "heatmaps", ())
     if map_names and not state.settings.expose_details:
         raise ServiceError(403, "forbidden", "this server does not return heatmaps (expose_details is off)")
@@ -304,7 +305,7 @@ async def model_info(request: Request) -> dict[str, Any]:
         "card": state.bundle.card,
         "device": state.device,
         "calibration": cal.summary() if cal else None,
-        "scores": {k: {"direction": v.direction, "log10": v.log} for k, v in SCORES.items()},
+        "scores": {k: {"direction": v.direction, "log10": v.log} for k, v in state.bundle.scores.items()},
         "default_scores": list(dict.fromkeys((*BASELINES, *cal.decision_scores))) if cal else list(BASELINES),
         "heatmaps": list(HEATMAPS),
         "examples": gallery_urls(state.bundle.name),
@@ -329,7 +330,8 @@ async def calibration_values(request: Request, score: str) -> dict[str, Any]:
     cal = state.bundle.calibration if state.bundle else None
     if cal is None or score not in cal.values:
         raise ServiceError(404, "not_found", f"no calibration values for score {score!r}")
-    return {"score": score, "direction": SCORES[score].direction, "log10": SCORES[score].log, "values": cal.values[score].tolist()}
+    spec = KNOWN[score]
+    return {"score": score, "direction": spec.direction, "log10": spec.log, "values": cal.values[score].tolist()}
 
 
 @router.get("/", include_in_schema=False)

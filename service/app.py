@@ -21,7 +21,7 @@ from service.batcher import Batcher
 from service.bundle import Bundle, load_bundle
 from service.detector import Detector
 from service.errors import ServiceError
-from service.fisher import HEATMAPS, SCORES
+from service.fisher import HEATMAPS
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -43,7 +43,7 @@ def error_response(e: ServiceError) -> JSONResponse:
 def _warm_up(detector: Detector, bundle: Bundle) -> None:
     """Runs every score and heatmap once so the first request pays no one-off cost."""
     x = torch.zeros(2, *bundle.input_shape)
-    outcomes = detector.run(x, list(SCORES), list(HEATMAPS))
+    outcomes = detector.run(x, list(bundle.scores), list(HEATMAPS))
     bad = [o for o in outcomes if isinstance(o, ServiceError)]
     if bad:
         raise RuntimeError(f"warm-up failed: {bad[0]}")

@@ -7,7 +7,9 @@
 Both are "larger = more unusual".
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,23 @@ class Mahalanobis:
         d = torch.einsum("nkf,fg,nkg->nk", f, self.precision.to(x.device), f)  # (N, K)
         return d.min(1).values
 
+    def save(self, path: Path, weights_sha256: str) -> None:
+        """safetensors, tied to the model weights it was fitted for."""
+        from safetensors.torch import save_file
+
+        save_file(
+            {"means": self.means.contiguous(), "precision": self.precision.contiguous()}, str(path), {"weights_sha256": weights_sha256}
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> tuple["Mahalanobis", str]:
+        """The fit and the weights sha256 it was made for."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            return cls(f.get_tensor("means"), f.get_tensor("precision")), meta.get("weights_sha256", "")
+
 
 def _bit_depth(x: Tensor, bits: int) -> Tensor:
     levels = 2**bits - 1
@@ -72,3 +91,20 @@ def feature_squeezing(model: nn.Module, x: Tensor) -> Tensor:
         p = torch.softmax(model(x), 1)
         dists = [(p - torch.softmax(model(sq), 1)).abs().sum(1) for sq in (_bit_depth(x, bits), _median_2x2(x))]
     return torch.stack(dists).amax(0).double()
+
+
+def available(mahalanobis: Mahalanobis | None) -> tuple[str, ...]:
+    """The baseline scores a bundle can serve: feature squeezing always, Mahalanobis with its fit."""
+    return ("feature_squeezing", "mahalanobis") if mahalanobis is not None else ("feature_squeezing",)
+
+
+def baseline_scores(model: nn.Module, x: Tensor, names: Sequence[str], mahalanobis: Mahalanobis | None) -> dict[str, Tensor]:
+    """The requested baseline scores, float64 (N,), on x's device."""
+    out: dict[str, Tensor] = {}
+    if "feature_squeezing" in names:
+        out["feature_squeezing"] = feature_squeezing(model, x)
+    if "mahalanobis" in names:
+        if mahalanobis is None:
+            raise ValueError("this bundle has no mahalanobis.safetensors: fit one with `fisherguard calibrate --fit-mahalanobis N`")
+        out["mahalanobis"] = mahalanobis.score(model, x)
+    return out

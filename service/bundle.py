@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from service.baselines import SPECS, Mahalanobis, available
 from service.calibration import Calibration
+from service.fisher import SCORES, ScoreSpec
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
 REQUIRED_CARD = ("name", "version", "architecture", "classes", "input")
@@ -32,6 +34,12 @@ class Bundle:
     model: nn.Module
     weights_sha256: str
     calibration: Calibration | None
+    mahalanobis: Mahalanobis | None = None  # the Mahalanobis baseline's fit, when the bundle has one
+
+    @property
+    def scores(self) -> dict[str, ScoreSpec]:
+        """Every score this bundle can compute: the Fisher scores and its baselines."""
+        return SCORES | {k: SPECS[k] for k in available(self.mahalanobis)}
 
     @property
     def name(self) -> str:
@@ -129,4 +137,16 @@ def load_bundle(name_or_path: str | Path, device: str | torch.device = "cpu") ->
     model, digest = load_model(root, card)
     for p in model.parameters():
         p.requires_grad_(True)
-    return Bundle(root, card, model.to(device), digest, load_calibration(root, digest))
+    return Bundle(root, card, model.to(device), digest, load_calibration(root, digest), load_mahalanobis(root, digest))
+
+
+def load_mahalanobis(root: Path, digest: str) -> Mahalanobis | None:
+    path = root / "mahalanobis.safetensors"
+    if not path.is_file():
+        return None
+    fit, made_for = Mahalanobis.load(path)
+    if made_for != digest:
+        raise BundleError(
+            f"{path} was fitted for weights with sha256 {made_for!r}, not {digest}: refit with `fisherguard calibrate --fit-mahalanobis N`"
+        )
+    return fit

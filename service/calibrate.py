@@ -8,7 +8,6 @@ import numpy as np
 from service.bundle import Bundle
 from service.calibration import COMBINED, Calibration, Combination, Component
 from service.data import Dataset
-from service.fisher import SCORES
 from service.scoring import score_batches
 
 DEFAULT_OPTIONS: dict[str, Any] = {"noise_sigma": 0.1, "noise_samples": 16}
@@ -27,12 +26,15 @@ def calibrate(
 ) -> Calibration:
     """Scores every clean image the model classifies correctly; keeps the sorted values per score.
     statistic "combined" fits a Combination of `components` on two seeded halves of those images."""
-    if statistic not in SCORES and statistic != COMBINED:
-        raise ValueError(f"unknown decision statistic {statistic!r}; known: {sorted(SCORES)} or {COMBINED!r}")
+    if statistic not in bundle.scores and statistic != COMBINED:
+        raise ValueError(f"unknown decision statistic {statistic!r}; known: {sorted(bundle.scores)} or {COMBINED!r}")
+    missing = [c.score for c in components if c.score not in bundle.scores]
+    if missing:
+        raise ValueError(f"this bundle cannot compute {missing}; it has {sorted(bundle.scores)}")
     if (statistic == COMBINED) != bool(components):
         raise ValueError("components go with the statistic 'combined', and it needs at least one")
     opts = {**DEFAULT_OPTIONS, **(options or {})}
-    values, pred = score_batches(bundle.model, data.x, list(SCORES), opts, batch_size, progress)
+    values, pred = score_batches(bundle.model, data.x, list(bundle.scores), opts, batch_size, progress, bundle.mahalanobis)
     correct = pred == data.y.numpy()
     combination = Combination.fit(components, {k: v[correct] for k, v in values.items()}) if components else None
     return Calibration(

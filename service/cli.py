@@ -30,6 +30,13 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from service.data import load_dataset
 
     bundle = _bundle(a)
+    if a.fit_mahalanobis:
+        from service.baselines import Mahalanobis
+        from service.data import load_train_subset
+
+        fit = Mahalanobis.fit(bundle.model, *load_train_subset(a.train_data or a.data or _default_data(bundle.card), a.fit_mahalanobis))
+        fit.save(bundle.path / "mahalanobis.safetensors", bundle.weights_sha256)
+        bundle.mahalanobis = fit
     statistic = a.statistic or (
         bundle.calibration.statistic if bundle.calibration else bundle.card.get("decision_statistic", "sensitivity")
     )
@@ -175,7 +182,18 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data", type=Path, help="npz file or class-folder directory (default ../shared/data/<card's file>)")
     c.add_argument("--split", default="calibration", choices=["calibration", "evaluation", "all"])
     c.add_argument("--alpha", type=float, default=0.01)
-    c.add_argument("--statistic", choices=[*sorted(SCORES), "combined"], help="decision statistic (default: the bundle's current one)")
+    c.add_argument(
+        "--fit-mahalanobis",
+        type=int,
+        metavar="N",
+        help="fit the Mahalanobis baseline on N seeded training images and write <bundle>/mahalanobis.safetensors first",
+    )
+    c.add_argument("--train-data", type=Path, help="npz with the training split for --fit-mahalanobis (default: --data)")
+    c.add_argument(
+        "--statistic",
+        choices=[*sorted(SCORES), "feature_squeezing", "mahalanobis", "combined"],
+        help="decision statistic (default: the bundle's current one)",
+    )
     c.add_argument(
         "--components",
         help="with --statistic combined: SCORE:TAIL,… (TAIL one-sided|two-sided); the decision is the smallest of their "

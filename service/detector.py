@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.baselines import baseline_scores
 from service.bundle import Bundle
 from service.errors import ServiceError
-from service.fisher import compute, to_log10
+from service.fisher import SCORES, compute, to_log10
 
 
 @dataclass
@@ -58,9 +59,11 @@ class Detector:
         return self._isolated(x[:half], scores, heatmaps) + self._isolated(x[half:], scores, heatmaps)
 
     def _score(self, x: torch.Tensor, scores: Sequence[str], heatmaps: Sequence[str]) -> list[Outcome]:
-        r = compute(self.bundle.model, x.to(self.device), scores, heatmaps, **self.options)
+        x = x.to(self.device)
+        r = compute(self.bundle.model, x, [s for s in scores if s in SCORES], heatmaps, **self.options)
+        extra = baseline_scores(self.bundle.model, x, [s for s in scores if s not in SCORES], self.bundle.mahalanobis)
         conf = r.probs.gather(1, r.predicted[:, None]).squeeze(1).cpu()
-        vals = {k: v.cpu().tolist() for k, v in r.scores.items()}
+        vals = {k: v.cpu().tolist() for k, v in (r.scores | extra).items()}
         maps = {k: v.cpu().numpy() for k, v in r.heatmaps.items()}
         out: list[Outcome] = []
         for i, y in enumerate(r.predicted.cpu().tolist()):
@@ -72,21 +75,23 @@ class Detector:
         return out
 
 
+def _thresholded(name: str, raw: float) -> np.ndarray:
+    """The form calibrations keep: log10 for the Fisher scores that are thresholded so, raw otherwise. -> (1,)."""
+    t = torch.tensor([raw], dtype=torch.float64)
+    return (to_log10(name, t) if name in SCORES else t).numpy()
+
+
 def p_values(bundle: Bundle, scores: dict[str, float]) -> dict[str, float]:
     """Conformal p-value of each calibrated score."""
     cal = bundle.calibration
     if cal is None:
         return {}
-    return {
-        k: float(cal.p_value(k, to_log10(k, torch.tensor([v], dtype=torch.float64)).numpy())[0])
-        for k, v in scores.items()
-        if k in cal.values
-    }
+    return {k: float(cal.p_value(k, _thresholded(k, v))[0]) for k, v in scores.items() if k in cal.values}
 
 
 def decision_p_value(bundle: Bundle, raw: dict[str, float]) -> float:
     """The p-value the flag is decided on, from one image's raw scores (at least the decision's)."""
     cal = bundle.calibration
     assert cal is not None
-    t = {k: to_log10(k, torch.tensor([raw[k]], dtype=torch.float64)).numpy() for k in cal.decision_scores}
+    t = {k: _thresholded(k, raw[k]) for k in cal.decision_scores}
     return float(cal.decision_p_value(t)[0])

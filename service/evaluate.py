@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from service import attacks
+from service.baselines import KNOWN
 from service.bundle import Bundle
 from service.calibration import conformal_p_value
 from service.data import Dataset
-from service.fisher import SCORES
 from service.scoring import score_batches
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -91,10 +91,11 @@ def parse_attack(spec: str, bundle: Bundle | None = None) -> Attack:
 
 
 def _center(bundle: Bundle | None) -> float:
-    """The median clean log10 tr G_x: where the adaptive attack pulls the decision statistic."""
+    """The median clean log10 tr G_x: where the adaptive attack pulls it (alone, or as one component of
+    a combined decision, which the attack then meets only in part)."""
     cal = bundle.calibration if bundle else None
-    if cal is None or cal.statistic != "fisher_input_trace":
-        raise ValueError("the adaptive attack targets a bundle whose decision statistic is fisher_input_trace")
+    if cal is None or "fisher_input_trace" not in cal.decision_scores:
+        raise ValueError("the adaptive attack targets a bundle whose decision uses fisher_input_trace")
     return float(np.median(cal.values["fisher_input_trace"]))
 
 
@@ -178,12 +179,13 @@ def evaluate(
     names = sorted(cal.values)
     model = bundle.model
     baselines = baselines or {}
-    clean, pred = score_batches(model, data.x, names, cal.score_options, batch_size, progress)
+    baselines = {k: v for k, v in baselines.items() if k not in cal.values}  # the calibrated ones are scored with the rest
+    clean, pred = score_batches(model, data.x, names, cal.score_options, batch_size, progress, bundle.mahalanobis)
     ok = pred == data.y.numpy()
     x, y = data.x[ok], data.y[ok]
     clean = {k: v[ok] for k, v in clean.items()} | _baseline_values(model, x, baselines, batch_size)
     cal_values = dict(cal.values)
-    direction: dict[str, str] = {k: str(SCORES[k].direction) for k in names} | {k: "high" for k in baselines}
+    direction: dict[str, str] = {k: str(KNOWN[k].direction) for k in names} | {k: "high" for k in baselines}
     if baselines and baseline_calibration is not None:  # the baselines' own clean calibration, same half as the bundle's
         bx, by = baseline_calibration.x, baseline_calibration.y
         with torch.no_grad():
@@ -218,7 +220,7 @@ def evaluate(
             adv_pred = torch.cat([model(adv[i : i + 256].to(device)).argmax(1).cpu() for i in range(0, len(adv), 256)])
         hit = torch.ones_like(y, dtype=torch.bool) if attack.control else adv_pred != y  # controls keep every image
         delta = (adv - x)[hit].flatten(1)
-        adv_scores, _ = score_batches(model, adv[hit], names, cal.score_options, batch_size, progress)
+        adv_scores, _ = score_batches(model, adv[hit], names, cal.score_options, batch_size, progress, bundle.mahalanobis)
         adv_scores |= _baseline_values(model, adv[hit], baselines, batch_size)
         per_image |= {f"{attack.name}/{k}": v for k, v in adv_scores.items()}
         rows = _rows(cal_values, direction, clean, adv_scores, alphas)

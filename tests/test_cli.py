@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.bundle import Bundle, load_bundle
+from service.bundle import Bundle, BundleError, load_bundle
 from service.cli import main
 from service.settings import Settings
 from tests.conftest import FIXTURES, png, wait_ready
@@ -25,7 +25,7 @@ from tests.conftest import FIXTURES, png, wait_ready
 def small_npz(tmp_path: Path) -> Path:
     f = np.load(FIXTURES / "mnist_eval16.npz")
     path = tmp_path / "digits.npz"
-    np.savez(path, x_test=f["x"], y_test=f["y"])
+    np.savez(path, x_test=f["x"], y_test=f["y"], x_train=np.tile(f["x"], (4, 1, 1)), y_train=np.tile(f["y"], 4))
     return path
 
 
@@ -46,21 +46,30 @@ def test_calibrate_a_combined_decision_and_serve_it(tmp_path: Path, small_npz: P
     dst = tmp_path / "b"
     shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     args = ["calibrate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--alpha", "0.2"]
-    assert main([*args, "--statistic", "combined", "--components", "fisher_input_trace:two-sided,fisher_noise_kl:one-sided"]) == 0
+    parts = "fisher_input_trace:two-sided,mahalanobis:one-sided,feature_squeezing:one-sided"
+    assert main([*args, "--fit-mahalanobis", "64", "--statistic", "combined", "--components", parts]) == 0
     d = json.loads((dst / "calibration.json").read_text())["decision"]
-    assert d["statistic"] == "combined" and len(d["values"]) == 8 and sorted(d["reference"]) == ["fisher_input_trace", "fisher_noise_kl"]
+    assert d["statistic"] == "combined" and len(d["values"]) == 8
+    assert sorted(d["reference"]) == ["feature_squeezing", "fisher_input_trace", "mahalanobis"]
     bundle = load_bundle(dst)
+    assert bundle.mahalanobis is not None and {"feature_squeezing", "mahalanobis"} <= set(bundle.scores)
     with TestClient(create_app(Settings(device="cpu"), bundle=bundle)) as client:
         r = client.post("/v1/detect?scores=margin", content=(FIXTURES / "digit.png").read_bytes(), headers={"content-type": "image/png"})
+        assert client.get("/v1/model/calibration/mahalanobis").json()["direction"] == "high"
     res = r.json()["results"][0]
-    assert r.status_code == 200 and set(res["scores"]) == {"margin", "fisher_input_trace", "fisher_noise_kl"}
+    assert r.status_code == 200 and set(res["scores"]) == {"margin", "fisher_input_trace", "mahalanobis", "feature_squeezing"}
     assert res["decision"]["components"] == [
         {"score": "fisher_input_trace", "tail": "two-sided"},
-        {"score": "fisher_noise_kl", "tail": "one-sided"},
+        {"score": "mahalanobis", "tail": "one-sided"},
+        {"score": "feature_squeezing", "tail": "one-sided"},
     ]
+    assert res["p_values"]["mahalanobis"] > 0 and res["scores"]["mahalanobis"] > 0
     assert res["decision"]["p_value"] in [k / 9 for k in range(1, 10)]  # (1 + #{b: m_b ≤ m}) / (8 + 1)
     assert main([*args, "--statistic", "combined"]) == 0  # keeps the bundle's components
     assert main([*args, "--statistic", "margin", "--components", "margin:one-sided"]) == 2
+    bundle.mahalanobis.save(dst / "mahalanobis.safetensors", "0" * 64)
+    with pytest.raises(BundleError, match="was fitted for weights with sha256 '0000"):
+        load_bundle(dst)
 
 
 def test_calibrate_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
