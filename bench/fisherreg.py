@@ -19,7 +19,7 @@ from bench.common import environment, write
 from service import attacks
 from service.bundle import load_bundle
 from service.calibration import conformal_p_value
-from service.data import load_dataset
+from service.data import load_dataset, load_train_subset
 from service.evaluate import bootstrap_auc, roc_auc
 from service.scoring import score_batches
 
@@ -50,7 +50,10 @@ def measure(spec: str, data: Path, eps_list: list[float], limit: int, alphas: tu
     p_clean = two_sided_p(cal, clean_scores["fisher_input_trace"][ok])
     pick = np.sort(np.random.default_rng(1).choice(len(ev.y), limit, replace=False))
     x, y = ev.x[pick], ev.y[pick]  # robust accuracy counts every image of the subset
+    xt, _ = load_train_subset(data, 2000)
+    train_trace = 10.0 ** score_batches(model, xt, ("fisher_input_trace",), {})[0]["fisher_input_trace"]
     row: dict[str, Any] = {
+        "train_trace": {"mean": float(train_trace.mean()), "median": float(np.median(train_trace))},
         "model": bundle.name,
         "beta": float(beta),
         "weights_sha256": bundle.weights_sha256,
@@ -82,14 +85,23 @@ def measure(spec: str, data: Path, eps_list: list[float], limit: int, alphas: tu
             "tpr": {str(a): float((p_adv <= a).mean()) if len(p_adv) else None for a in alphas},
         }
         print(f"{bundle.name} β={beta} {eps:g}: {row['attacks'][f'pgd_linf:{eps:g}']}", flush=True)
+    # gradient masking check: a black-box attack (queries only) at the smallest ε, on a smaller subset
+    eps = min(eps_list)
+    few = slice(0, min(limit, 300))
+    sq = attacks.quantise(attacks.square_linf(model, x[few], y[few], eps))
+    row["square_robust_accuracy"] = {f"{eps:g}": float((predict(model, sq) == y[few]).float().mean()), "n": len(y[few])}
+    row["pgd_robust_accuracy_same_images"] = {
+        f"{eps:g}": float((predict(model, attacks.quantise(attacks.pgd_linf(model, x[few], y[few], eps))) == y[few]).float().mean())
+    }
+    print(f"{bundle.name} β={beta} square {eps:g}: {row['square_robust_accuracy']}", flush=True)
     return row
 
 
 def markdown(rows: list[dict[str, Any]], eps_list: list[float]) -> str:
-    head = "| β | test acc | median log10 λ_max (clean) | clean FPR@0.05 | " + " | ".join(
+    head = "| β | test acc | mean tr G_x (train) | median log10 λ_max (clean) | clean FPR@0.05 | " + " | ".join(
         f"PGD {e:g}: robust acc | AUC | TPR@0.05" for e in eps_list
     )
-    lines = [head + " |", "|" + "---|" * (4 + 3 * len(eps_list))]
+    lines = [head + " |", "|" + "---|" * (5 + 3 * len(eps_list))]
     for r in rows:
         cells = []
         for e in eps_list:
@@ -101,10 +113,18 @@ def markdown(rows: list[dict[str, Any]], eps_list: list[float]) -> str:
                 else f"{a['robust_accuracy']:.3f} | – | –"
             )
         lines.append(
-            f"| {r['beta']:g} | {r['test_accuracy']:.4f} | {r['log10_lambda_max_clean']['q50']:.2f} | {r['clean_fpr']['0.05']:.3f} | "
+            f"| {r['beta']:g} | {r['test_accuracy']:.4f} | {r['train_trace']['mean']:.3g} | {r['log10_lambda_max_clean']['q50']:.2f} | {r['clean_fpr']['0.05']:.3f} | "
             + " | ".join(cells)
             + " |"
         )
+    small = f"{min(eps_list):g}"
+    lines += [
+        "",
+        f"Black-box check (Square, queries only, ε = {small}, first {rows[0]['square_robust_accuracy']['n']} images of the subset):",
+        "",
+    ]
+    lines += ["| β | robust acc, Square | robust acc, PGD (same images) |", "|---|---|---|"]
+    lines += [f"| {r['beta']:g} | {r['square_robust_accuracy'][e]:.3f} | {r['pgd_robust_accuracy_same_images'][e]:.3f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

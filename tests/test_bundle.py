@@ -41,6 +41,15 @@ def test_shipped_cifar10_bundle() -> None:
         assert b.model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_shipped_fisher_regularised_mnist_bundle(digits) -> None:  # type: ignore[no-untyped-def]
+    b = load_bundle("mnist-fisherreg")
+    assert b.name == "mnist-fisherreg" and b.card["training"]["fisher_penalty"] == 1.0 and b.card["test_accuracy"] >= 0.99
+    assert b.calibration is not None and b.calibration.weights_sha256 == b.weights_sha256 and b.calibration.n > 4900
+    x, y = digits
+    with torch.no_grad():
+        assert (b.model(x).argmax(1) == y).all()
+
+
 def test_one_image_alone_or_in_a_batch_on_the_shipped_model(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
     x, _ = digits
     batch = compute(mnist.model, x, list(SCORES), HEATMAPS)
