@@ -5,12 +5,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+from torch import Tensor
 
 from service import attacks
+from service.baselines import baseline_scores
 from service.bundle import Bundle
 from service.data import Dataset
 from service.detector import decision_p_value
-from service.fisher import compute
+from service.fisher import SCORES, compute
 from service.images import encode_png
 
 STATIC = Path(__file__).parent / "static" / "examples"
@@ -26,18 +28,17 @@ def make_gallery(bundle: Bundle, data: Dataset, eps: float, n: int = 4, out: Pat
     x, y = data.x[order], data.y[order]
     adv = attacks.quantise(attacks.pgd_linf(bundle.model, x, y, eps))
     needed = bundle.calibration.decision_scores
-    rc = compute(bundle.model, x, needed, **bundle.calibration.score_options)
-    ra = compute(bundle.model, adv, needed, **bundle.calibration.score_options)
+    rc, ra = (_decision_scores(bundle, images) for images in (x, adv))
     entries: list[dict[str, object]] = []
     for i in range(len(x)):
         if len(entries) == 2 * n:
             break
-        if int(rc.predicted[i]) != int(y[i]) or int(ra.predicted[i]) == int(y[i]):
+        if int(rc[0][i]) != int(y[i]) or int(ra[0][i]) == int(y[i]):
             continue
-        for kind, img, r in (("clean", x[i], rc), ("pgd", adv[i], ra)):
+        for kind, img, (_, r) in (("clean", x[i], rc), ("pgd", adv[i], ra)):
             name = f"{len(entries) // 2:02d}-{kind}.png"
             (out / name).write_bytes(encode_png(img))
-            p = decision_p_value(bundle, {k: float(r.scores[k][i]) for k in needed})
+            p = decision_p_value(bundle, {k: float(r[k][i]) for k in needed})
             entries.append(
                 {
                     "file": name,
@@ -49,6 +50,15 @@ def make_gallery(bundle: Bundle, data: Dataset, eps: float, n: int = 4, out: Pat
             )
     (out / "index.json").write_text(json.dumps(entries, indent=1) + "\n")
     return entries
+
+
+def _decision_scores(bundle: Bundle, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Predictions and the raw values of the scores the bundle's decision needs."""
+    assert bundle.calibration is not None
+    needed = bundle.calibration.decision_scores
+    r = compute(bundle.model, x, [s for s in needed if s in SCORES], **bundle.calibration.score_options)
+    extra = baseline_scores(bundle.model, x, [s for s in needed if s not in SCORES], bundle.mahalanobis)
+    return r.predicted, r.scores | extra
 
 
 def _eps_text(eps: float) -> str:

@@ -24,6 +24,13 @@ def test_healthz_and_readyz(client: TestClient) -> None:
     assert (r.status_code, r.json()) == (200, {"status": "ready"})
 
 
+COMPONENTS = [
+    {"score": "fisher_input_trace", "tail": "two-sided"},
+    {"score": "feature_squeezing", "tail": "one-sided"},
+    {"score": "mahalanobis", "tail": "one-sided"},
+]
+
+
 def test_detect_one_png(client: TestClient, digits) -> None:  # type: ignore[no-untyped-def]
     x, y = digits
     r = client.post("/v1/detect", content=png(x[0]), headers=PNG)
@@ -35,10 +42,10 @@ def test_detect_one_png(client: TestClient, digits) -> None:  # type: ignore[no-
     (res,) = body["results"]
     assert res["index"] == 0 and res["filename"] is None and res["status"] == "ok"
     assert res["predicted_class"] == int(y[0]) and res["label"] == str(int(y[0]))
-    assert set(res["scores"]) == {"confidence", "entropy", "margin", "fisher_input_trace"}
+    assert set(res["scores"]) == {"confidence", "entropy", "margin", "fisher_input_trace", "feature_squeezing", "mahalanobis"}
     assert set(res["p_values"]) == set(res["scores"])
-    assert res["decision"]["statistic"] == "fisher_input_trace"
-    assert res["decision"]["tail"] == "two-sided"
+    assert res["decision"]["statistic"] == "combined"
+    assert res["decision"]["components"] == COMPONENTS
     assert res["decision"]["alpha"] == 0.01
     assert res["decision"]["flagged"] is False
     assert 0 < res["decision"]["p_value"] <= 1
@@ -52,8 +59,10 @@ def test_all_scores_and_heatmaps(client: TestClient, digits, mnist: Bundle) -> N
     x, _ = digits
     r = client.post("/v1/detect?scores=all&heatmaps=" + ",".join(HEATMAPS), content=png(x[1]), headers=PNG)
     res = r.json()["results"][0]
-    assert set(res["scores"]) == set(SCORES) | {"feature_squeezing"}  # the shipped mnist bundle has no Mahalanobis fit
+    assert set(res["scores"]) == set(SCORES) | {"feature_squeezing", "mahalanobis"}
     assert res["scores"]["feature_squeezing"] == pytest.approx(float(feature_squeezing(mnist.model, x[1:2])[0]), rel=1e-5, abs=1e-9)
+    assert mnist.mahalanobis is not None
+    assert res["scores"]["mahalanobis"] == pytest.approx(float(mnist.mahalanobis.score(mnist.model, x[1:2])[0]), rel=1e-5)
     direct = compute(mnist.model, x[1:2], list(SCORES), HEATMAPS, **mnist.calibration.score_options)  # type: ignore[union-attr]
     for k in SCORES:
         assert res["scores"][k] == pytest.approx(float(direct.scores[k][0]), rel=1e-4), k
@@ -165,11 +174,12 @@ def test_pgd_digit_is_flagged_and_its_clean_source_is_not(client: TestClient, di
 def test_model_info(client: TestClient) -> None:
     m = client.get("/v1/model").json()
     assert m["card"]["name"] == "mnist" and m["card"]["test_accuracy"] >= 0.992
-    assert m["calibration"]["n"] > 4900 and m["calibration"]["statistic"] == "fisher_input_trace"
+    assert m["calibration"]["n"] > 2450 and m["calibration"]["statistic"] == "combined"  # n: the half that calibrates the minimum
+    assert m["calibration"]["components"] == COMPONENTS and m["calibration"]["data"]["correct"] > 4900
     assert m["heatmaps"] == ["fis", "fisher_diag", "eigvec", "saliency"]
     assert m["batching"]["max_batch_size"] == 32
     values = client.get("/v1/model/calibration/fisher_input_trace").json()["values"]
-    assert len(values) == m["calibration"]["n"] and values == sorted(values)
+    assert len(values) == m["calibration"]["data"]["correct"] and values == sorted(values)
 
 
 def test_metrics_after_traffic(client: TestClient, digits) -> None:  # type: ignore[no-untyped-def]

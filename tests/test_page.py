@@ -63,15 +63,16 @@ def test_upload_and_gallery_in_a_real_browser(mnist: Bundle) -> None:
         page = browser.new_page(viewport={"width": 900, "height": 900})
         page.goto(base + "/")
         expect(page.locator("#model")).to_contain_text("mnist v1.0.0 on cpu")
-        expect(page.locator("#model")).to_contain_text("calibrated on n = 4974 clean images")
+        expect(page.locator("#model")).to_contain_text("calibrated on 4974 clean images")
+        expect(page.locator("#model")).to_contain_text("calibrated on n = 2487 of them held apart")
         page.set_input_files("#file", str(EXAMPLES / "01-clean.png"))
         expect(page.locator("#sentence")).to_contain_text("Not flagged")
         expect(page.locator("#sentence")).to_contain_text("Predicted 3")
-        expect(page.locator("#sentence")).to_contain_text("two-sided p-value (both unusually high and unusually low count)")
+        expect(page.locator("#sentence")).to_contain_text("gives a combined p-value of")
         expect(page.locator("#hist-caption")).to_contain_text("log10 fisher_input_trace on 4974 clean calibration images")
         page.locator("#gallery button").nth(3).click()  # the PGD version of that digit
         expect(page.locator("#sentence")).to_contain_text(
-            "Flagged: fewer than 0.1% of clean calibration images have a fisher_input_trace this low"
+            "Flagged: the most unusual of its fisher_input_trace (two-sided), feature_squeezing (one-sided), mahalanobis (one-sided) p-values"
         )
         assert page.evaluate(PAINTED, "canvas") > 1000
         assert page.evaluate(PAINTED, "hist") > 300

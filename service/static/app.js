@@ -34,7 +34,9 @@ async function loadModel() {
     g.appendChild(b);
   }
   $("model").textContent = `${c.name} v${c.version} on ${m.device} · test accuracy ${(100 * c.test_accuracy).toFixed(2)}% · ` +
-    `calibrated on n = ${cal.n} clean images (${cal.created.slice(0, 10)}), decision statistic ${cal.statistic}, α = ${cal.alpha}`;
+    `calibrated on ${cal.data.correct} clean images (${cal.created.slice(0, 10)}), decision ` + (cal.components
+      ? `the smallest p-value of ${cal.components.map((x) => x.score).join(", ")}, calibrated on n = ${cal.n} of them held apart`
+      : `statistic ${cal.statistic} (${cal.tail})`) + `, α = ${cal.alpha}`;
 }
 
 async function detect(file) {
