@@ -128,6 +128,11 @@ class Calibration:
         """Conformal p-values of thresholded-form scores t (any shape) against the clean values."""
         return conformal_p_value(self.values[name], t, KNOWN[name].direction)
 
+    def decision_rank(self, t: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Smaller = more unusual, ordered like the decision p-value but without its ties (the
+        uncalibrated minimum for a combined decision): for ROC curves of the decision."""
+        return self.combination.min_p(t) if self.combination else self.decision_p_value(t)
+
     def decision_p_value(self, t: Mapping[str, np.ndarray]) -> np.ndarray:
         """The p-value the flag is decided on, from thresholded scores t (name -> values; at least
         decision_scores). Two-sided: min(1, 2·min(p_upper, p_lower)), still valid; combined: see Combination."""

@@ -226,6 +226,7 @@ def evaluate(
         rows = _rows(cal_values, direction, clean, adv_scores, alphas)
         pc, pa = cal.decision_p_value(clean), cal.decision_p_value(adv_scores)
         stat = {f"tpr@{al}": float((pa <= al).mean()) for al in alphas} | {f"fpr@{al}": float((pc <= al).mean()) for al in alphas}
+        stat["auc"] = roc_auc(-cal.decision_rank(clean), -cal.decision_rank(adv_scores)) if len(pa) else float("nan")
         report["attacks"][attack.name] = {
             "control": attack.control,
             "success_rate": float((adv_pred != y).float().mean()),
@@ -252,7 +253,10 @@ def markdown(report: dict[str, Any], alphas: Sequence[float] = (0.05, 0.01)) -> 
         f"Data: {report['data']}; clean evaluation images: {report['clean']['n']}; attacked: {report['attacked_images']}.",
         "",
     ]
-    lines += [f"Decision statistic: `{report['calibration']['statistic']}` (calibration n = {report['calibration']['n']}).", ""]
+    parts = report["calibration"].get("components")
+    named = ", ".join(f"`{c['score']}` ({c['tail']})" for c in parts or [])
+    combo = f" = the smallest p-value of {named}, itself calibrated" if parts else ""
+    lines += [f"Decision statistic: `{report['calibration']['statistic']}`{combo} (calibration n = {report['calibration']['n']}).", ""]
     for name, a in report["attacks"].items():
         d = a["decision"]
         lines += [
@@ -265,7 +269,11 @@ def markdown(report: dict[str, Any], alphas: Sequence[float] = (0.05, 0.01)) -> 
             "Decision ("
             + report["calibration"]["tail"]
             + "): "
-            + ", ".join(f"TPR@{al} {d[f'tpr@{al}']:.3f} (clean FPR {d[f'fpr@{al}']:.3f})" for al in alphas),
+            + ", ".join(f"TPR@{al} {d[f'tpr@{al}']:.3f} (clean FPR {d[f'fpr@{al}']:.3f})" for al in alphas)
+            + (f", ROC-AUC {d['auc']:.3f}" if "auc" in d else ""),
+            "",
+            f"Flag rate at α = {alphas[0]} by predicted class: "
+            + ", ".join(f"{c}: {v:.3f}" for c, v in a.get("flag_rate_by_predicted_class", {}).items()),
             "",
         ]
         head = "| score | AUC [95% CI] | " + " | ".join(f"TPR@{al} | FPR@{al}" for al in alphas) + " |"

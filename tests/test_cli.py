@@ -33,7 +33,24 @@ def test_calibrate_writes_a_calibration_the_bundle_accepts(tmp_path: Path, small
     dst = tmp_path / "b"
     shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     assert (
-        main(["calibrate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--statistic", "margin", "--alpha", "0.1"]) == 0
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(dst),
+                "--data",
+                str(small_npz),
+                "--split",
+                "all",
+                "--statistic",
+                "margin",
+                "--tail",
+                "two-sided",
+                "--alpha",
+                "0.1",
+            ]
+        )
+        == 0
     )
     d = json.loads((dst / "calibration.json").read_text())
     assert d["n"] == 16 and d["alpha"] == 0.1 and d["decision"] == {"statistic": "margin", "tail": "two-sided"}
