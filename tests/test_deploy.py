@@ -191,6 +191,10 @@ def test_the_dockerfile_install_works_in_a_fresh_venv(tmp_path: Path) -> None:
     subprocess.run([*pip, "torch==2.13.0"], check=True, cwd=tmp_path)
     subprocess.run([*pip, str(ROOT)], check=True, cwd=tmp_path)
     subprocess.run([str(venv / "bin" / "fisherguard"), "--help"], check=True, capture_output=True, cwd=tmp_path)
-    code = "from service.bundle import load_bundle; b = load_bundle('mnist'); print(b.path, b.calibration.n)"
+    code = (
+        "from service.bundle import load_bundle; b = load_bundle('mnist'); "
+        "print(b.path, b.mahalanobis is not None, b.calibration.data['correct'], load_bundle('mnist-fisherreg').name)"
+    )
     out = subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
-    assert "site-packages" in out and int(out.split()[-1]) > 4900
+    path, has_fit, correct, other = out.split()
+    assert "site-packages" in path and has_fit == "True" and int(correct) > 4900 and other == "mnist-fisherreg"
