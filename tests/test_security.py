@@ -210,7 +210,7 @@ def test_details_can_be_withheld_from_untrusted_clients(mnist: Bundle, digits) -
     with _client(mnist, expose_details=False) as c:
         res = c.post("/v1/detect?scores=all", content=png(x[0]), headers=PNG).json()["results"][0]
         assert res["scores"] == {} and res["p_values"] == {} and res["heatmaps"] == {}
-        assert set(res["decision"]) == {"statistic", "tail", "p_value", "alpha", "flagged"}
+        assert set(res["decision"]) == {"statistic", "tail", "components", "p_value", "alpha", "flagged"}
         r = c.post("/v1/detect?heatmaps=fis", content=png(x[0]), headers=PNG)
         assert r.status_code == 403 and _code(r) == "forbidden"
 
