@@ -18,7 +18,7 @@ import torch
 from bench.common import environment, write
 from service import attacks
 from service.bundle import load_bundle
-from service.calibration import conformal_p_value
+from service.calibration import tail_p_value
 from service.data import load_dataset, load_train_subset
 from service.evaluate import bootstrap_auc, roc_auc
 from service.scoring import score_batches
@@ -27,8 +27,8 @@ SCORES = ("fisher_input_trace", "fisher_input_eig")
 
 
 def two_sided_p(cal: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """min(1, 2·min(p_high, p_low)): the decision p-value of the shipped bundles."""
-    return np.minimum(1.0, 2 * np.minimum(conformal_p_value(cal, t, "high"), conformal_p_value(cal, t, "low")))
+    """The tr G_x two-sided decision p-value (its direction is irrelevant when two-sided)."""
+    return tail_p_value(cal, t, "high", "two-sided")
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -187,7 +187,7 @@ def _verdict(
         "scores": shown,
         "p_values": pv,
         "decision": {"statistic": stat, "tail": state.bundle.calibration.tail}
-        | ({"components": state.bundle.calibration.summary()["components"]} if state.bundle.calibration.combination else {})
+        | ({"components": state.bundle.calibration.components} if state.bundle.calibration.combination else {})
         | {"p_value": p, "alpha": alpha, "flagged": flagged},
         "heatmaps": {k: heatmap_png.encode(v) for k, v in outcome.heatmaps.items()},
     }

@@ -45,6 +45,13 @@ class Component:
     score: str
     tail: str = "two-sided"
 
+    def __post_init__(self) -> None:
+        if self.score not in KNOWN or self.tail not in TAILS:
+            raise ValueError(f"component {self.score}:{self.tail} is not a known score and tail ({sorted(KNOWN)}; {TAILS})")
+
+    def to_json(self) -> dict[str, str]:
+        return {"score": self.score, "tail": self.tail}
+
 
 @dataclass
 class Combination:
@@ -65,9 +72,6 @@ class Combination:
     @classmethod
     def fit(cls, components: Sequence[Component], clean: Mapping[str, np.ndarray], seed: int = 0) -> "Combination":
         """Splits the clean images (values aligned across scores) at random into parts A and B."""
-        for c in components:
-            if c.score not in KNOWN or c.tail not in TAILS:
-                raise ValueError(f"component {c.score}:{c.tail} is not a known score and tail ({sorted(KNOWN)}; {TAILS})")
         n = len(clean[components[0].score])
         perm = np.random.default_rng(seed).permutation(n)
         a, b = perm[: n // 2], perm[n // 2 :]
@@ -78,7 +82,7 @@ class Combination:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "components": [{"score": c.score, "tail": c.tail} for c in self.components],
+            "components": [c.to_json() for c in self.components],
             "reference": {k: [float(v) for v in vals] for k, vals in self.reference.items()},
             "values": [float(v) for v in self.values],  # exact: p-values of part A, compared with ≤
         }
@@ -86,9 +90,6 @@ class Combination:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Combination":
         components = tuple(Component(c["score"], c["tail"]) for c in d["components"])
-        for c in components:
-            if c.score not in KNOWN or c.tail not in TAILS:
-                raise ValueError(f"combined decision component {c.score}:{c.tail} is not a known score and tail")
         reference = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in d["reference"].items()}
         return cls(components, reference, np.sort(np.asarray(d["values"], dtype=np.float64)))
 
@@ -118,6 +119,11 @@ class Calibration:
     def n(self) -> int:
         """Clean images behind the decision's p-value (part B for a combined decision)."""
         return len(self.combination.values) if self.combination else len(self.values[self.statistic])
+
+    @property
+    def components(self) -> list[dict[str, str]] | None:
+        """A combined decision's scores and tails, as in calibration.json; None for one statistic."""
+        return [c.to_json() for c in self.combination.components] if self.combination else None
 
     @property
     def decision_scores(self) -> tuple[str, ...]:
@@ -193,7 +199,7 @@ class Calibration:
             "alpha": self.alpha,
             "statistic": self.statistic,
             "tail": self.tail,
-            "components": [{"score": c.score, "tail": c.tail} for c in self.combination.components] if self.combination else None,
+            "components": self.components,
             "data": self.data,
             "created": self.created,
             "score_options": self.score_options,

@@ -133,6 +133,8 @@ def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
     out = tmp_path / "r"
     args = [
         "evaluate",
+        "--model",
+        "mnist-fisherreg",  # calibrated with feature squeezing, without a Mahalanobis fit
         "--data",
         str(npz),
         "--split",
@@ -140,13 +142,14 @@ def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
         "--attacks",
         "fgsm:0.2,noise:0.05",
         "--baselines",
-        "feature_squeezing",
+        "mahalanobis,feature_squeezing",
         "--out",
         str(out),
     ]
     assert main(args) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["baselines"] == []  # the mnist calibration already holds feature_squeezing: scored with the other calibrated scores
+    assert rep["baselines"] == ["mahalanobis"]  # fitted and calibrated by the harness; feature_squeezing comes calibrated
     assert rep["attacks"]["noise:0.05"]["control"] and rep["attacks"]["noise:0.05"]["n_successful"] == rep["attacked_images"]
-    assert "feature_squeezing" in rep["attacks"]["fgsm:0.2"]["scores"] and "fisher_input_trace" in rep["attacks"]["fgsm:0.2"]["scores"]
+    scores = rep["attacks"]["fgsm:0.2"]["scores"]
+    assert {"feature_squeezing", "mahalanobis", "fisher_input_trace"} <= set(scores)
     assert (out / "roc-fgsm_0.2.png").stat().st_size > 1000
