@@ -1,6 +1,6 @@
 """Adversarial attacks used to measure detection (design.md §7). Images in [0, 1]; untargeted."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -208,40 +208,44 @@ def relu_surrogate(beta: float = 10.0) -> Iterator[None]:
         F.relu, torch.relu = saved  # type: ignore[assignment]
 
 
-def _log10_input_trace(model: nn.Module, x: Tensor) -> Tensor:
-    """log10 tr G_x, differentiable in x (K double backward passes). -> (N,)."""
-    log_p = torch.log_softmax(model(x), 1)  # (N, K)
-    total = torch.zeros(len(x), device=x.device)
-    for k in range(log_p.shape[1]):
-        (g,) = torch.autograd.grad(log_p[:, k].sum(), x, create_graph=True)
-        total = total + log_p[:, k].exp() * g.flatten(1).pow(2).sum(1)
-    return total.clamp_min(1e-30).log10()
-
-
 def adaptive_pgd(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     eps: float,
-    center: float,
-    weight: float = 1.0,
+    penalty: Callable[[nn.Module, Tensor], Tensor],
     kappa: float = 2.0,
     steps: int = 40,
     beta: float = 10.0,
     seed: int = 0,
+    norm: str = "linf",
 ) -> Tensor:
-    """An attacker who knows the detector: PGD-L∞ ascending −max(z_y − max_{k≠y} z_k, −κ) −
-    weight·(log10 tr G_x − center)²: misclassify by a margin κ, and meanwhile pull the decision
-    statistic toward the middle of the clean calibration values (the two-sided test's blind spot),
-    by double backprop with the softplus surrogate for ReLU in the backward pass."""
+    """An attacker who knows the detector: PGD (L∞ or L2 ball of radius ε, random start) ascending
+    −max(m, −κ) − [m < −κ]·penalty(x), m = z_y − max_{k≠y} z_k: misclassify by a margin κ, and
+    once that holds step only on the detector, keeping the decision's scores inside their clean range
+    (selective PGD, Bryniarski et al. 2022; (penalty (N,) ≥ 0,
+    differentiable in x: see service.adaptive), by double backprop with the softplus surrogate for
+    ReLU in the backward pass. Returns, per image, the misclassified iterate with the smallest
+    penalty (the last iterate where none was misclassified)."""
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm {norm!r} is not 'linf' or 'l2'")
     alpha = 2.5 * eps / steps
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    adv = (x + (torch.rand(x.shape, generator=gen) * 2 - 1).to(x.device) * eps).clamp(0, 1)
-    for _ in range(steps):
+    start = (torch.rand(x.shape, generator=gen) * 2 - 1).to(x.device)
+    adv = (x + start * (eps if norm == "linf" else eps / _l2(start))).clamp(0, 1)
+    best, best_penalty = adv.clone(), torch.full((len(x),), float("inf"), dtype=torch.float64, device=x.device)
+    for _ in range(steps + 1):
         xa = adv.detach().requires_grad_(True)
         with torch.enable_grad(), relu_surrogate(beta):
-            attack = -_margin(model(xa), y).clamp(min=-kappa).sum()
-            penalty = (_log10_input_trace(model, xa) - center).pow(2).sum()
-            (g,) = torch.autograd.grad(attack - weight * penalty, xa)
-        adv = (x + (adv + alpha * g.sign() - x).clamp(-eps, eps)).clamp(0, 1).detach()
-    return adv
+            m = _margin(model(xa), y)  # (N,)
+            pen = penalty(model, xa)  # (N,)
+            better = (m < 0) & (pen.detach() < best_penalty)
+            best[better], best_penalty[better] = adv[better], pen.detach()[better]
+            done = m < -kappa  # misclassified with margin κ: now only the detector matters (selective PGD)
+            (g,) = torch.autograd.grad(-m.clamp(min=-kappa).sum() - (pen * done).sum(), xa)
+        if norm == "linf":
+            adv = (x + (adv + alpha * g.sign() - x).clamp(-eps, eps)).clamp(0, 1).detach()
+        else:
+            d = adv + alpha * g / _l2(g).clamp_min(1e-12) - x
+            adv = (x + d * (eps / _l2(d).clamp_min(1e-12)).clamp(max=1.0)).clamp(0, 1).detach()
+    return torch.where(torch.isinf(best_penalty).view(-1, 1, 1, 1), adv, best)

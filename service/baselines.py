@@ -21,17 +21,18 @@ SPECS: dict[str, ScoreSpec] = {"mahalanobis": ScoreSpec("high", False), "feature
 KNOWN: dict[str, ScoreSpec] = SCORES | SPECS  # every score a calibration may hold
 
 
-def penultimate(model: nn.Module, x: Tensor) -> Tensor:
-    """The input of the model's last nn.Linear: the penultimate features. -> (N, F)."""
+def penultimate(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
+    """The input of the model's last nn.Linear: the penultimate features. -> (N, F).
+    grad=True keeps them differentiable in x (for an adaptive attacker)."""
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     feats: list[Tensor] = []
-    handle = last.register_forward_hook(lambda mod, args, out: feats.append(args[0].detach()))
+    handle = last.register_forward_hook(lambda mod, args, out: feats.append(args[0]))
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             model(x)
     finally:
         handle.remove()
-    return feats[0].flatten(1)
+    return feats[0].flatten(1) if grad else feats[0].detach().flatten(1)
 
 
 @dataclass
@@ -49,10 +50,13 @@ class Mahalanobis:
         ridge = 1e-3 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)  # dead units have no variance
         return cls(means, torch.linalg.inv(cov + ridge))
 
-    def score(self, model: nn.Module, x: Tensor) -> Tensor:
-        f = penultimate(model, x).double()[:, None, :] - self.means.to(x.device)[None]  # (N, K, F)
-        d = torch.einsum("nkf,fg,nkg->nk", f, self.precision.to(x.device), f)  # (N, K)
-        return d.min(1).values
+    def distance(self, f: Tensor) -> Tensor:
+        """min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c) of penultimate features f (N, F), float64 -> (N,)."""
+        d = f.double()[:, None, :] - self.means.to(f.device)[None]  # (N, K, F)
+        return torch.einsum("nkf,fg,nkg->nk", d, self.precision.to(f.device), d).min(1).values  # (N,)
+
+    def score(self, model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
+        return self.distance(penultimate(model, x, grad))
 
     def save(self, path: Path, weights_sha256: str) -> None:
         """safetensors, tied to the model weights it was fitted for."""
@@ -84,12 +88,15 @@ def _median_2x2(x: Tensor) -> Tensor:
     return windows.median(-1).values
 
 
-def feature_squeezing(model: nn.Module, x: Tensor) -> Tensor:
-    """max over squeezers of the L1 distance between predictions. -> (N,)."""
+def feature_squeezing(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
+    """max over squeezers of the L1 distance between predictions. -> (N,) float64.
+    grad=True keeps it differentiable in x for an adaptive attacker: the bit-depth squeezer then passes
+    gradients straight through (BPDA, Athalye et al. 2018); the median filter is differentiable as is."""
     bits = 1 if x.shape[1] == 1 else 5
-    with torch.no_grad():
+    squeezed = x + (_bit_depth(x, bits) - x).detach() if grad else _bit_depth(x, bits)
+    with torch.set_grad_enabled(grad):
         p = torch.softmax(model(x), 1)
-        dists = [(p - torch.softmax(model(sq), 1)).abs().sum(1) for sq in (_bit_depth(x, bits), _median_2x2(x))]
+        dists = [(p - torch.softmax(model(sq), 1)).abs().sum(1) for sq in (squeezed, _median_2x2(x))]
     return torch.stack(dists).amax(0).double()
 
 

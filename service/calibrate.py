@@ -1,12 +1,15 @@
 """`fisherguard calibrate`: clean, correctly classified images -> calibration.json (design.md §5)."""
 
-from collections.abc import Sequence
+import dataclasses
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from service.bundle import Bundle
-from service.calibration import COMBINED, Calibration, Combination, Component
+from service.calibration import COMBINED, Calibration, Combination, Component, stored
 from service.data import Dataset
 from service.scoring import score_batches
 
@@ -52,3 +55,30 @@ def calibrate(
         tail=tail,
         combination=combination,
     )
+
+
+def redecide(
+    cal: Calibration, clean: Mapping[str, np.ndarray], alpha: float, statistic: str, tail: str, components: Sequence[Component] = ()
+) -> Calibration:
+    """A new decision on the same clean images, without scoring them again: clean holds their values
+    aligned per image (score -> (n,)), e.g. the clean part of `fisherguard evaluate --split calibration`
+    on the same bundle; every score must sort to exactly cal's values (the same images, the same numbers
+    to the 9 digits calibration.json keeps)."""
+    for name, values in cal.values.items():
+        if name not in clean or not np.array_equal(stored(np.sort(clean[name])), stored(values)):
+            raise ValueError(
+                f"the per-image scores do not match this calibration's values of {name!r}: score the same split with the same weights"
+            )
+    if statistic not in cal.values and statistic != COMBINED:
+        raise ValueError(f"unknown decision statistic {statistic!r}; known: {sorted(cal.values)} or {COMBINED!r}")
+    if (statistic == COMBINED) != bool(components):
+        raise ValueError("components go with the statistic 'combined', and it needs at least one")
+    combination = Combination.fit(components, {k: np.asarray(v, dtype=np.float64) for k, v in clean.items()}) if components else None
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return dataclasses.replace(cal, alpha=alpha, statistic=statistic, tail=tail, combination=combination, created=now)
+
+
+def clean_scores(path: Path) -> dict[str, np.ndarray]:
+    """The clean images' per-image values from an evaluate run's scores.npz."""
+    with np.load(path) as z:
+        return {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("clean/")}

@@ -40,6 +40,11 @@ def tail_p_value(cal: np.ndarray, t: np.ndarray, direction: str, tail: str) -> n
     return np.minimum(1.0, 2.0 * np.minimum(conformal_p_value(cal, t, "high"), conformal_p_value(cal, t, "low")))
 
 
+def stored(values: np.ndarray) -> np.ndarray:
+    """What calibration.json keeps of the per-score values: 9 significant digits."""
+    return np.array([float(f"{v:.9g}") for v in values], dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class Component:
     score: str
@@ -157,7 +162,7 @@ class Calibration:
             "score_options": self.score_options,
             "created": self.created,
             "scores": {
-                k: {"direction": KNOWN[k].direction, "log10": KNOWN[k].log, "values": [float(f"{v:.9g}") for v in vals]}
+                k: {"direction": KNOWN[k].direction, "log10": KNOWN[k].log, "values": stored(vals).tolist()}
                 for k, vals in self.values.items()
             },
         }

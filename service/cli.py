@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from service.evaluate import ATTACK_HELP
 from service.fisher import SCORES
 
 DEFAULT_DATA = Path("../shared/data")
@@ -25,11 +26,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
 
-    from service.calibrate import calibrate
+    from service.calibrate import calibrate, clean_scores, redecide
     from service.calibration import COMBINED, Component
     from service.data import load_dataset
 
     bundle = _bundle(a)
+    if a.scores and (a.fit_mahalanobis or bundle.calibration is None):
+        raise SystemExit("--scores changes the decision of an existing calibration; it cannot go with --fit-mahalanobis")
     if a.fit_mahalanobis:
         from service.baselines import Mahalanobis
         from service.data import load_train_subset
@@ -40,17 +43,21 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     statistic = a.statistic or (
         bundle.calibration.statistic if bundle.calibration else bundle.card.get("decision_statistic", "sensitivity")
     )
-    c, h, w = bundle.input_shape
-    data = load_dataset(a.data or _default_data(bundle.card), a.split, bundle.classes, (c, h, w))
     tail = a.tail or (bundle.calibration.tail if bundle.calibration else "one-sided")
     components = [Component(*c.split(":", 1)) for c in a.components.split(",")] if a.components else []
     if statistic == COMBINED and not components and bundle.calibration and bundle.calibration.combination:
         components = list(bundle.calibration.combination.components)
-    cal = calibrate(bundle, data, a.alpha, statistic, tail, a.batch_size, progress=sys.stderr.isatty(), components=components)
+    if a.scores:
+        assert bundle.calibration is not None
+        cal = redecide(bundle.calibration, clean_scores(a.scores), a.alpha, statistic, tail, components)
+    else:
+        c, h, w = bundle.input_shape
+        data = load_dataset(a.data or _default_data(bundle.card), a.split, bundle.classes, (c, h, w))
+        cal = calibrate(bundle, data, a.alpha, statistic, tail, a.batch_size, progress=sys.stderr.isatty(), components=components)
     out = a.out or bundle.path / "calibration.json"
     cal.save(out)
     print(
-        f"wrote {out}: n = {cal.n} clean, correctly classified images of {data.description}; statistic {statistic} ({tail}), alpha {a.alpha}"
+        f"wrote {out}: n = {cal.n} clean, correctly classified images of {cal.data['description']}; statistic {statistic} ({tail}), alpha {a.alpha}"
     )
     return 0
 
@@ -200,6 +207,12 @@ def parser() -> argparse.ArgumentParser:
         "p-values, calibrated on half of the clean images",
     )
     c.add_argument("--tail", choices=["one-sided", "two-sided"], help="decision p-value: the score's own direction, or both tails")
+    c.add_argument(
+        "--scores",
+        type=Path,
+        help="change only the decision: take the clean images' per-image scores from a `fisherguard evaluate --split "
+        "calibration` run's scores.npz on this bundle (checked against the calibration's values) instead of scoring again",
+    )
     c.add_argument("--out", type=Path, help="default: <bundle>/calibration.json")
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -213,8 +226,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--attacks",
         default="pgd_linf:0.1,pgd_linf:0.3",
-        help="comma list: "
-        + "fgsm:EPS, pgd_linf:EPS, pgd_l2:EPS, cw:KAPPA, deepfool, square:EPS, ossa:EPS, adaptive:EPS, noise:EPS, jpeg:QUALITY",
+        help=f"comma list: {ATTACK_HELP}",
     )
     e.add_argument("--baselines", default="", help="comma list of mahalanobis, feature_squeezing")
     e.add_argument("--train-subset", type=int, default=10000, help="training images that fit the Mahalanobis baseline")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from service import attacks
+from service import adaptive, attacks
 from service.baselines import KNOWN
 from service.bundle import Bundle
 from service.calibration import conformal_p_value
@@ -63,7 +63,7 @@ def _jpeg(x: Tensor, quality: int) -> Tensor:
 
 
 ATTACK_HELP = (
-    "fgsm:EPS, pgd_linf:EPS, pgd_l2:EPS, cw:KAPPA, deepfool, square:EPS, ossa:EPS, adaptive:EPS "
+    "fgsm:EPS, pgd_linf:EPS, pgd_l2:EPS, cw:KAPPA, deepfool, square:EPS, ossa:EPS, adaptive:EPS, adaptive_l2:EPS "
     "(controls: noise:EPS, jpeg:QUALITY); EPS may be a fraction such as 8/255"
 )
 
@@ -79,7 +79,8 @@ def parse_attack(spec: str, bundle: Bundle | None = None) -> Attack:
         "cw": lambda k: Attack(spec, lambda m, x, y: attacks.cw_l2(m, x, y, kappa=k)),
         "square": lambda e: Attack(spec, lambda m, x, y: attacks.square_linf(m, x, y, e)),
         "ossa": lambda e: Attack(spec, lambda m, x, y: attacks.ossa(m, x, y, e)),
-        "adaptive": lambda e: Attack(spec, lambda m, x, y: attacks.adaptive_pgd(m, x, y, e, _center(bundle), weight=0.1)),
+        "adaptive": lambda e: Attack(spec, _adaptive(bundle, e, "linf")),
+        "adaptive_l2": lambda e: Attack(spec, _adaptive(bundle, e, "l2")),
         "noise": lambda e: Attack(spec, lambda m, x, y: _uniform_noise(x, e), control=True),
         "jpeg": lambda q: Attack(spec, lambda m, x, y: _jpeg(x, int(q)), control=True),
     }
@@ -90,13 +91,14 @@ def parse_attack(spec: str, bundle: Bundle | None = None) -> Attack:
     raise ValueError(f"unknown attack {spec!r}; known: {ATTACK_HELP}")
 
 
-def _center(bundle: Bundle | None) -> float:
-    """The median clean log10 tr G_x: where the adaptive attack pulls it (alone, or as one component of
-    a combined decision, which the attack then meets only in part)."""
+def _adaptive(bundle: Bundle | None, eps: float, norm: str) -> AttackFn:
+    """PGD (L∞ or L2) against the bundle's whole decision: every component held inside its clean range."""
     cal = bundle.calibration if bundle else None
-    if cal is None or "fisher_input_trace" not in cal.decision_scores:
-        raise ValueError("the adaptive attack targets a bundle whose decision uses fisher_input_trace")
-    return float(np.median(cal.values["fisher_input_trace"]))
+    if bundle is None or cal is None:
+        raise ValueError("the adaptive attack needs a calibrated bundle: it attacks the bundle's decision")
+    components = [(c["score"], c["tail"]) for c in cal.components] if cal.components else [(cal.statistic, cal.tail)]
+    penalty = adaptive.decision_penalty(adaptive.targets(cal.values, components, bundle.mahalanobis))
+    return lambda m, x, y: attacks.adaptive_pgd(m, x, y, eps, penalty, norm=norm)
 
 
 def roc_auc(clean: np.ndarray, adv: np.ndarray) -> float:

@@ -89,6 +89,30 @@ def test_calibrate_a_combined_decision_and_serve_it(tmp_path: Path, small_npz: P
         load_bundle(dst)
 
 
+def test_calibrate_scores_changes_the_decision_without_rescoring(
+    tmp_path: Path, small_npz: Path, mnist: Bundle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """calibrate --scores (an evaluate run's per-image clean scores on the same split) gives exactly the
+    calibration that scoring the images again gives, and refuses scores of other images."""
+    dst = tmp_path / "b"
+    shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    args = ["calibrate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--alpha", "0.2"]
+    assert main([*args, "--fit-mahalanobis", "64", "--statistic", "fisher_input_trace", "--tail", "two-sided"]) == 0
+    run = ["evaluate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--attacks", "noise:0.1", "--limit", "2"]
+    assert main([*run, "--out", str(tmp_path / "e")]) == 0
+    parts = ["--statistic", "combined", "--components", "fisher_input_trace:two-sided,mahalanobis:one-sided"]
+    assert main([*args, *parts, "--scores", str(tmp_path / "e" / "scores.npz"), "--out", str(tmp_path / "fast.json")]) == 0
+    assert main([*args, *parts, "--out", str(tmp_path / "slow.json")]) == 0
+    fast, slow = (json.loads((tmp_path / f).read_text()) for f in ("fast.json", "slow.json"))
+    assert fast["created"] <= slow["created"]
+    assert {k: v for k, v in fast.items() if k != "created"} == {k: v for k, v in slow.items() if k != "created"}
+    z = dict(np.load(tmp_path / "e" / "scores.npz"))
+    z["clean/margin"] = z["clean/margin"][::-1] + 1e-9  # other numbers: refused
+    np.savez(tmp_path / "other.npz", **z)
+    assert main([*args, *parts, "--scores", str(tmp_path / "other.npz")]) == 2
+    assert "do not match this calibration's values of 'margin'" in capsys.readouterr().err
+
+
 def test_calibrate_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["calibrate", "--model", "nope", "--data", str(tmp_path)]) == 2
     assert "no bundle 'nope'" in capsys.readouterr().err

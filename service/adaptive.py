@@ -1,0 +1,108 @@
+"""An attacker who knows the whole decision: differentiable stand-ins for each of its scores and a
+penalty that keeps every one of them inside its clean range (design.md §7, issue 5).
+
+For a decision with components j (score s_j, tail), the clean calibration values v_j give a centre
+m_j = median(v_j) and the α = 0.05 boundaries q_j^lo, q_j^hi (the 2.5%/97.5% quantiles for a
+two-sided tail, the 95% (or 5%) quantile for a one-sided one). With z_j the distance from m_j in units
+of the distance to the boundary on that side,
+
+    penalty(x) = max_j relu(z_j(x) − margin),   z_j = (s_j(x) − m_j)/(q_j^hi − m_j) above m_j, (m_j − s_j(x))/(m_j − q_j^lo) below,
+
+counting only the tails the decision tests: zero while every score sits well inside its clean range,
+else the excess of the most unusual component, the one that decides a combined decision's minimum
+p-value (steps then go where the flag is decided, and no component's scale swamps the others).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from service.baselines import KNOWN, Mahalanobis, feature_squeezing
+from service.fisher.basics import entropy, log_odds, predicted
+
+Surrogate = Callable[[nn.Module, Tensor], Tensor]  # differentiable score in its thresholded form, (N,)
+Penalty = Callable[[nn.Module, Tensor], Tensor]  # (N,) ≥ 0
+
+
+def log10_input_trace(model: nn.Module, x: Tensor) -> Tensor:
+    """log10 tr G_x = log10 Σ_k p_k ‖∇_x log p_k‖², differentiable in x (K double backward passes). -> (N,)."""
+    log_p = torch.log_softmax(model(x), 1)  # (N, K)
+    total = torch.zeros(len(x), device=x.device)
+    for k in range(log_p.shape[1]):
+        (g,) = torch.autograd.grad(log_p[:, k].sum(), x, create_graph=True)
+        total = total + log_p[:, k].exp() * g.flatten(1).pow(2).sum(1)
+    return total.clamp_min(1e-30).log10()
+
+
+def margin(model: nn.Module, x: Tensor) -> Tensor:
+    """s = z_ŷ − logsumexp_{k≠ŷ} z_k, differentiable in x. -> (N,)."""
+    z = model(x)  # (N, K)
+    return log_odds(z, predicted(z))
+
+
+def log10_sensitivity(model: nn.Module, x: Tensor) -> Tensor:
+    """log10 ‖∇_x s‖², differentiable in x (one double backward pass). -> (N,)."""
+    (g,) = torch.autograd.grad(margin(model, x).sum(), x, create_graph=True)
+    return g.flatten(1).pow(2).sum(1).clamp_min(1e-30).log10()
+
+
+def surrogates(mahalanobis: Mahalanobis | None) -> dict[str, Surrogate]:
+    """The decision scores an adaptive attacker can differentiate, in the calibration's thresholded form."""
+    table: dict[str, Surrogate] = {
+        "confidence": lambda m, x: torch.softmax(m(x), 1).amax(1),
+        "entropy": lambda m, x: entropy(torch.log_softmax(m(x), 1)),
+        "margin": margin,
+        "sensitivity": log10_sensitivity,
+        "fisher_input_trace": log10_input_trace,
+        "feature_squeezing": lambda m, x: feature_squeezing(m, x, grad=True),
+    }
+    if mahalanobis is not None:
+        table["mahalanobis"] = lambda m, x: mahalanobis.score(m, x, grad=True)
+    return table
+
+
+@dataclass(frozen=True)
+class Target:
+    """One decision component as the attacker sees it."""
+
+    surrogate: Surrogate
+    center: float
+    low: float  # the clean α-boundaries; ±inf for a tail the decision does not test
+    high: float
+
+    def excess(self, t: Tensor) -> Tensor:
+        """z(t): 0 at the clean median, 1 at the boundary of a tested tail, 0 toward an untested one."""
+        above = (t - self.center) / max(self.high - self.center, 1e-12)
+        below = (self.center - t) / max(self.center - self.low, 1e-12)
+        return torch.maximum(above, below).clamp_min(0)
+
+
+def targets(
+    values: dict[str, np.ndarray], components: list[tuple[str, str]], mahalanobis: Mahalanobis | None, alpha: float = 0.05
+) -> list[Target]:
+    """Targets for components (score, tail) from the clean calibration values (thresholded form)."""
+    table = surrogates(mahalanobis)
+    out = []
+    for score, tail in components:
+        if score not in table:
+            raise ValueError(f"the adaptive attack cannot differentiate {score!r} (it can: {sorted(table)})")
+        v = np.asarray(values[score])
+        direction = KNOWN[score].direction
+        two = tail == "two-sided"
+        low = float(np.quantile(v, alpha / 2)) if two else (float(np.quantile(v, alpha)) if direction == "low" else -np.inf)
+        high = float(np.quantile(v, 1 - alpha / 2)) if two else (float(np.quantile(v, 1 - alpha)) if direction == "high" else np.inf)
+        out.append(Target(table[score], float(np.median(v)), low, high))
+    return out
+
+
+def decision_penalty(targets: list[Target], margin: float = 0.5) -> Penalty:
+    """max_j relu(z_j − margin): see the module docstring."""
+
+    def penalty(model: nn.Module, x: Tensor) -> Tensor:
+        z = torch.stack([t.excess(t.surrogate(model, x).double()) for t in targets])  # (J, N)
+        return (z.amax(0) - margin).clamp_min(0)
+
+    return penalty
