@@ -125,16 +125,23 @@ def test_keyboard_only_on_a_narrow_screen(mnist: Bundle) -> None:
 
 @pytest.mark.slow
 def test_cifar10_gallery(cifar10: Bundle) -> None:
+    """The CIFAR-10 gallery: each PGD image gets the verdict it had when `fisherguard examples` made it."""
+    import json
+
     from playwright.sync_api import expect
 
+    entries = json.loads((EXAMPLES.parent / "cifar10" / "index.json").read_text())
+    clean, pgd = entries[0], entries[1]
+    assert clean["kind"] == "clean" and pgd["kind"] == "pgd" and clean["true_label"] == pgd["true_label"]
+    label = clean["true_label"]
     with browser_on(cifar10) as (browser, base):
         page = browser.new_page(viewport={"width": 900, "height": 900})
         page.goto(base + "/")
-        expect(page.locator("#model")).to_contain_text("cifar10 v1.0.0 on cpu")
-        expect(page.locator("#gallery button")).to_have_count(8)
-        page.get_by_role("button", name="clean — true label ship").click()
-        expect(page.locator("#sentence")).to_contain_text("Predicted ship")
-        page.get_by_role("button", name="PGD-L∞ ε=8/255, 40 steps, 8-bit — true label ship").click()
-        expect(page.locator("#sentence")).not_to_contain_text("Predicted ship")
-        expect(page.locator("#sentence")).to_contain_text("Flagged:")
+        expect(page.locator("#model")).to_contain_text(f"cifar10 v{cifar10.card['version']} on cpu")
+        expect(page.locator("#gallery button")).to_have_count(len(entries))
+        page.get_by_role("button", name=f"clean — true label {label}").click()
+        expect(page.locator("#sentence")).to_contain_text(f"Predicted {label}")
+        page.get_by_role("button", name=f"PGD-L∞ ε=8/255, 40 steps, 8-bit — true label {label}").click()
+        expect(page.locator("#sentence")).not_to_contain_text(f"Predicted {label}")
+        expect(page.locator("#sentence")).to_contain_text("Flagged:" if pgd["flagged_when_made"] else "Not flagged")
         assert page.evaluate(PAINTED, "canvas") > 1000
