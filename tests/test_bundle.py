@@ -37,7 +37,10 @@ def test_shipped_cifar10_bundle() -> None:
     assert b.input_shape == (3, 32, 32) and b.classes[:2] == ["airplane", "automobile"]
     assert b.card["training_data"]["sha256"] == "79dc3db9fb2b671e632a65307618b117ad7d2a315c023cdd4eaa529770a2ad32"
     assert b.card["param_count"] == sum(p.numel() for p in b.model.parameters())
-    assert b.calibration is not None and b.calibration.weights_sha256 == b.weights_sha256 and b.calibration.n > 4000
+    cal = b.calibration
+    assert cal is not None and cal.weights_sha256 == b.weights_sha256 and cal.data["correct"] > 4300 and cal.n > 2150
+    assert cal.decision_scores == ("margin", "feature_squeezing", "mahalanobis") and b.mahalanobis is not None
+    assert set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis"}
     with torch.no_grad():
         assert b.model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from models.cifar10.model import build
+from models.cifar10.model import build, build_wide
 from models.training import fit, save_bundle
 from service.bundle import sha256_file
 
@@ -51,6 +51,7 @@ def train(
     seed: int = 0,
     fisher_penalty: float = 0.0,
     bf16: bool = True,
+    wide: bool = False,
 ) -> dict:  # type: ignore[type-arg]
     """The shipped recipe (fisher_penalty 0 reproduces models/cifar10); writes the bundle into out, returns its card.
     bf16 autocast applies only without the penalty (the double backward runs in float32)."""
@@ -59,7 +60,9 @@ def train(
         x_train, y_train = decode_split(d, "train")
         x_test, y_test = decode_split(d, "test")
         classes = [str(c) for c in d["classes"]]
-    model = build()  # initialised from torch's default generator state, as for the shipped weights; fit() seeds the rest
+    model = (
+        build_wide() if wide else build()
+    )  # initialised from torch's default generator state, as for the shipped weights; fit() seeds the rest
     tensors = (x_train, y_train, x_test, y_test)
     acc = fit(
         model,
@@ -74,6 +77,8 @@ def train(
         bf16=bf16,
         decay_1d=False,
         fisher_penalty=fisher_penalty,
+        channels_last=wide,
+        eval_every=5 if wide else 1,
     )
     digest = sha256_file(data)
     training = {
@@ -93,7 +98,7 @@ def train(
     card = {
         "name": out.resolve().name,
         "version": "1.0.0",
-        "architecture": "models.cifar10.model:build",
+        "architecture": "models.cifar10.model:build_wide" if wide else "models.cifar10.model:build",
         "classes": classes,
         "input": {"channels": 3, "height": 32, "width": 32, "resize": "bilinear", "background": 0},
         "preprocessing": "RGB (alpha composited on black), resized to 32x32 if needed, values /255",
@@ -114,9 +119,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (CPUs with AVX512-BF16/AMX)")
+    ap.add_argument("--wide", action="store_true", help="build_wide (width 32, channels-last; not the shipped net)")
     ap.add_argument("--fisher-penalty", type=float, default=0.0, help="β of the β·tr G_x training penalty")
     a = ap.parse_args()
-    print(json.dumps(train(a.data, a.out, a.epochs, a.batch, a.lr, a.seed, a.fisher_penalty, a.bf16), indent=2))
+    print(json.dumps(train(a.data, a.out, a.epochs, a.batch, a.lr, a.seed, a.fisher_penalty, a.bf16, a.wide), indent=2))
 
 
 if __name__ == "__main__":
