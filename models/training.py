@@ -48,7 +48,7 @@ def fit(
     service.fisher.penalty) to the loss, with the forward in float32."""
     x_train, y_train, x_test, y_test = data
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
+    model.to(memory_format=memory_format)  # type: ignore[call-overload]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     decay = [p for p in model.parameters() if decay_1d or p.dim() > 1]
@@ -89,7 +89,7 @@ def fit(
 
 def save_bundle(model: nn.Module, out: Path, card: dict[str, Any]) -> dict[str, Any]:
     """Writes model.safetensors and card.json (with parameter count and weights sha256)."""
-    model.eval().to(memory_format=torch.contiguous_format)
+    model.eval().to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))

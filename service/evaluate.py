@@ -63,7 +63,7 @@ def _jpeg(x: Tensor, quality: int) -> Tensor:
 
 
 ATTACK_HELP = (
-    "fgsm:EPS, pgd_linf:EPS, pgd_l2:EPS, cw:KAPPA, deepfool, square:EPS, ossa:EPS, adaptive:EPS, adaptive_l2:EPS "
+    "fgsm:EPS, pgd_linf:EPS, pgd_l2:EPS, cw:KAPPA, deepfool, square:EPS, ossa:EPS, adaptive:EPS[:KAPPA], adaptive_l2:EPS[:KAPPA] "
     "(controls: noise:EPS, jpeg:QUALITY); EPS may be a fraction such as 8/255"
 )
 
@@ -71,6 +71,9 @@ ATTACK_HELP = (
 def parse_attack(spec: str, bundle: Bundle | None = None) -> Attack:
     """An attack (or control) from its command-line spec; see ATTACK_HELP."""
     kind, _, arg = spec.partition(":")
+    if kind in ("adaptive", "adaptive_l2") and arg.count(":") == 1:  # with the logit margin κ the attacker asks for
+        eps, kappa = (_number(a) for a in arg.split(":"))
+        return Attack(spec, _adaptive(bundle, eps, "l2" if kind == "adaptive_l2" else "linf", kappa))
     v = _number(arg) if arg else None
     table: dict[str, Callable[[float], Attack]] = {
         "fgsm": lambda e: Attack(spec, lambda m, x, y: attacks.fgsm(m, x, y, e)),
@@ -79,8 +82,8 @@ def parse_attack(spec: str, bundle: Bundle | None = None) -> Attack:
         "cw": lambda k: Attack(spec, lambda m, x, y: attacks.cw_l2(m, x, y, kappa=k)),
         "square": lambda e: Attack(spec, lambda m, x, y: attacks.square_linf(m, x, y, e)),
         "ossa": lambda e: Attack(spec, lambda m, x, y: attacks.ossa(m, x, y, e)),
-        "adaptive": lambda e: Attack(spec, _adaptive(bundle, e, "linf")),
-        "adaptive_l2": lambda e: Attack(spec, _adaptive(bundle, e, "l2")),
+        "adaptive": lambda e: Attack(spec, _adaptive(bundle, e, "linf", 2.0)),
+        "adaptive_l2": lambda e: Attack(spec, _adaptive(bundle, e, "l2", 2.0)),
         "noise": lambda e: Attack(spec, lambda m, x, y: _uniform_noise(x, e), control=True),
         "jpeg": lambda q: Attack(spec, lambda m, x, y: _jpeg(x, int(q)), control=True),
     }
@@ -91,14 +94,14 @@ def parse_attack(spec: str, bundle: Bundle | None = None) -> Attack:
     raise ValueError(f"unknown attack {spec!r}; known: {ATTACK_HELP}")
 
 
-def _adaptive(bundle: Bundle | None, eps: float, norm: str) -> AttackFn:
+def _adaptive(bundle: Bundle | None, eps: float, norm: str, kappa: float) -> AttackFn:
     """PGD (L∞ or L2) against the bundle's whole decision: every component held inside its clean range."""
     cal = bundle.calibration if bundle else None
     if bundle is None or cal is None:
         raise ValueError("the adaptive attack needs a calibrated bundle: it attacks the bundle's decision")
     components = [(c["score"], c["tail"]) for c in cal.components] if cal.components else [(cal.statistic, cal.tail)]
     penalty = adaptive.decision_penalty(adaptive.targets(cal.values, components, bundle.mahalanobis))
-    return lambda m, x, y: attacks.adaptive_pgd(m, x, y, eps, penalty, norm=norm)
+    return lambda m, x, y: attacks.adaptive_pgd(m, x, y, eps, penalty, kappa=kappa, norm=norm)
 
 
 def roc_auc(clean: np.ndarray, adv: np.ndarray) -> float:
