@@ -152,6 +152,12 @@ def test_controls_and_parse(mnist: Bundle, digits) -> None:  # type: ignore[no-u
     assert jpeg.shape == x.shape and 0 < float((jpeg - x).abs().mean()) < 0.1
     with pytest.raises(ValueError, match="known: fgsm:EPS"):
         parse_attack("nope:1")
+    assert parse_attack("adaptive_l2:3:10", mnist).name == "adaptive_l2:3:10"
+    for bad in ("adaptive:0.3:1:2", "adaptive:x"):
+        with pytest.raises(ValueError, match="is not a number"):
+            parse_attack(bad, mnist)
+    with pytest.raises(ValueError, match="needs a calibrated bundle"):
+        parse_attack("adaptive:0.3")
 
 
 def test_baselines_separate_strong_attacks(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
