@@ -13,7 +13,7 @@ else the excess of the most unusual component, the one that decides a combined d
 p-value (steps then go where the flag is decided, and no component's scale swamps the others).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from service.baselines import KNOWN, Mahalanobis, feature_squeezing
+from service.calibration import Component
 from service.fisher.basics import entropy, log_odds, predicted
 
 Surrogate = Callable[[nn.Module, Tensor], Tensor]  # differentiable score in its thresholded form, (N,)
@@ -81,20 +82,20 @@ class Target:
 
 
 def targets(
-    values: dict[str, np.ndarray], components: list[tuple[str, str]], mahalanobis: Mahalanobis | None, alpha: float = 0.05
+    values: dict[str, np.ndarray], components: Sequence[Component], mahalanobis: Mahalanobis | None, alpha: float = 0.05
 ) -> list[Target]:
-    """Targets for components (score, tail) from the clean calibration values (thresholded form)."""
+    """Targets for a decision's components from the clean calibration values (thresholded form)."""
     table = surrogates(mahalanobis)
     out = []
-    for score, tail in components:
-        if score not in table:
-            raise ValueError(f"the adaptive attack cannot differentiate {score!r} (it can: {sorted(table)})")
-        v = np.asarray(values[score])
-        direction = KNOWN[score].direction
-        two = tail == "two-sided"
+    for c in components:
+        if c.score not in table:
+            raise ValueError(f"the adaptive attack cannot differentiate {c.score!r} (it can: {sorted(table)})")
+        v = np.asarray(values[c.score])
+        direction = KNOWN[c.score].direction
+        two = c.tail == "two-sided"
         low = float(np.quantile(v, alpha / 2)) if two else (float(np.quantile(v, alpha)) if direction == "low" else -np.inf)
         high = float(np.quantile(v, 1 - alpha / 2)) if two else (float(np.quantile(v, 1 - alpha)) if direction == "high" else np.inf)
-        out.append(Target(table[score], float(np.median(v)), low, high))
+        out.append(Target(table[c.score], float(np.median(v)), low, high))
     return out
 
 

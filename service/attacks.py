@@ -223,8 +223,8 @@ def adaptive_pgd(
     """An attacker who knows the detector: PGD (L∞ or L2 ball of radius ε, random start) ascending
     −max(m, −κ) − [m < −κ]·penalty(x), m = z_y − max_{k≠y} z_k: misclassify by a margin κ, and
     once that holds step only on the detector, keeping the decision's scores inside their clean range
-    (selective PGD, Bryniarski et al. 2022; (penalty (N,) ≥ 0,
-    differentiable in x: see service.adaptive), by double backprop with the softplus surrogate for
+    (selective PGD, Bryniarski et al. 2022; penalty (N,) ≥ 0, differentiable in x: see
+    service.adaptive), by double backprop with the softplus surrogate for
     ReLU in the backward pass. Returns, per image, the misclassified iterate with the smallest
     penalty (the last iterate where none was misclassified)."""
     if norm not in ("linf", "l2"):

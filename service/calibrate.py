@@ -16,6 +16,17 @@ from service.scoring import score_batches
 DEFAULT_OPTIONS: dict[str, Any] = {"noise_sigma": 0.1, "noise_samples": 16}
 
 
+def _check_decision(statistic: str, components: Sequence[Component], available: set[str]) -> None:
+    """A decision statistic and components that the available scores can serve."""
+    if statistic not in available and statistic != COMBINED:
+        raise ValueError(f"unknown decision statistic {statistic!r}; known: {sorted(available)} or {COMBINED!r}")
+    missing = [c.score for c in components if c.score not in available]
+    if missing:
+        raise ValueError(f"this bundle cannot compute {missing}; it has {sorted(available)}")
+    if (statistic == COMBINED) != bool(components):
+        raise ValueError("components go with the statistic 'combined', and it needs at least one")
+
+
 def calibrate(
     bundle: Bundle,
     data: Dataset,
@@ -29,13 +40,7 @@ def calibrate(
 ) -> Calibration:
     """Scores every clean image the model classifies correctly; keeps the sorted values per score.
     statistic "combined" fits a Combination of `components` on two seeded halves of those images."""
-    if statistic not in bundle.scores and statistic != COMBINED:
-        raise ValueError(f"unknown decision statistic {statistic!r}; known: {sorted(bundle.scores)} or {COMBINED!r}")
-    missing = [c.score for c in components if c.score not in bundle.scores]
-    if missing:
-        raise ValueError(f"this bundle cannot compute {missing}; it has {sorted(bundle.scores)}")
-    if (statistic == COMBINED) != bool(components):
-        raise ValueError("components go with the statistic 'combined', and it needs at least one")
+    _check_decision(statistic, components, set(bundle.scores))
     opts = {**DEFAULT_OPTIONS, **(options or {})}
     values, pred = score_batches(bundle.model, data.x, list(bundle.scores), opts, batch_size, progress, bundle.mahalanobis)
     correct = pred == data.y.numpy()
@@ -69,10 +74,7 @@ def redecide(
             raise ValueError(
                 f"the per-image scores do not match this calibration's values of {name!r}: score the same split with the same weights"
             )
-    if statistic not in cal.values and statistic != COMBINED:
-        raise ValueError(f"unknown decision statistic {statistic!r}; known: {sorted(cal.values)} or {COMBINED!r}")
-    if (statistic == COMBINED) != bool(components):
-        raise ValueError("components go with the statistic 'combined', and it needs at least one")
+    _check_decision(statistic, components, set(cal.values))
     combination = Combination.fit(components, {k: np.asarray(v, dtype=np.float64) for k, v in clean.items()}) if components else None
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return dataclasses.replace(cal, alpha=alpha, statistic=statistic, tail=tail, combination=combination, created=now)

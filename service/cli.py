@@ -32,7 +32,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
     bundle = _bundle(a)
     if a.scores and (a.fit_mahalanobis or bundle.calibration is None):
-        raise SystemExit("--scores changes the decision of an existing calibration; it cannot go with --fit-mahalanobis")
+        raise ValueError("--scores changes the decision of an existing calibration: it needs one, and cannot go with --fit-mahalanobis")
     if a.fit_mahalanobis:
         from service.baselines import Mahalanobis
         from service.data import load_train_subset

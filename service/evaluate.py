@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from service import adaptive, attacks
 from service.baselines import KNOWN
 from service.bundle import Bundle
-from service.calibration import conformal_p_value
+from service.calibration import Component, conformal_p_value
 from service.data import Dataset
 from service.scoring import score_batches
 
@@ -99,7 +99,7 @@ def _adaptive(bundle: Bundle | None, eps: float, norm: str, kappa: float) -> Att
     cal = bundle.calibration if bundle else None
     if bundle is None or cal is None:
         raise ValueError("the adaptive attack needs a calibrated bundle: it attacks the bundle's decision")
-    components = [(c["score"], c["tail"]) for c in cal.components] if cal.components else [(cal.statistic, cal.tail)]
+    components = cal.combination.components if cal.combination else (Component(cal.statistic, cal.tail),)
     penalty = adaptive.decision_penalty(adaptive.targets(cal.values, components, bundle.mahalanobis))
     return lambda m, x, y: attacks.adaptive_pgd(m, x, y, eps, penalty, kappa=kappa, norm=norm)
 

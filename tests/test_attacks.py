@@ -10,24 +10,12 @@ import torch
 from service import adaptive, attacks
 from service.baselines import Mahalanobis, feature_squeezing
 from service.bundle import Bundle
+from service.calibration import Component
 from service.cli import main
-from service.detector import _thresholded, decision_p_value
 from service.evaluate import parse_attack, roc_auc
-from service.examples import _decision_scores
 from service.fisher.compute import input_fisher_top_eigenpair
+from service.scoring import score_batches
 from tests.conftest import FIXTURES
-
-
-def _served(bundle: Bundle, x: torch.Tensor, score: str) -> np.ndarray:
-    """The score as the server computes it, in the thresholded form. -> (N,)."""
-    from service.baselines import baseline_scores
-    from service.fisher import compute
-
-    if score in ("feature_squeezing", "mahalanobis"):
-        raw = baseline_scores(bundle.model, x, [score], bundle.mahalanobis)[score]
-    else:
-        raw = compute(bundle.model, x, [score]).scores[score]
-    return np.array([_thresholded(score, float(v))[0] for v in raw])
 
 
 def _success(model, x, y, adv) -> float:  # type: ignore[no-untyped-def]
@@ -99,9 +87,12 @@ def test_adaptive_attack_evades_the_whole_combined_decision(mnist: Bundle, digit
     plain = attacks.quantise(attacks.pgd_linf(mnist.model, x, y, 0.3, steps=20))
     adaptive = attacks.quantise(parse_attack("adaptive_l2:3", mnist).run(mnist.model, x, y))
 
+    cal = mnist.calibration
+    assert cal is not None
+
     def p_values(adv: torch.Tensor) -> np.ndarray:
-        _, raw = _decision_scores(mnist, adv)
-        return np.array([decision_p_value(mnist, {k: float(v[i]) for k, v in raw.items()}) for i in range(len(adv))])
+        t, _ = score_batches(mnist.model, adv, cal.decision_scores, cal.score_options, mahalanobis=mnist.mahalanobis)
+        return cal.decision_p_value(t)
 
     p_plain, p_adaptive = p_values(plain), p_values(adaptive)
     assert np.median(p_adaptive) > 10 * np.median(p_plain)
@@ -111,16 +102,16 @@ def test_adaptive_attack_evades_the_whole_combined_decision(mnist: Bundle, digit
 
 def test_adaptive_penalty_is_zero_inside_and_grows_outside_the_clean_range() -> None:
     values = {"fisher_input_trace": np.linspace(-3.0, -1.0, 401)}  # median −2; 2.5%/97.5% at −2.95/−1.05
-    (target,) = adaptive.targets(values, [("fisher_input_trace", "two-sided")], None)
+    (target,) = adaptive.targets(values, [Component("fisher_input_trace", "two-sided")], None)
     assert target.center == pytest.approx(-2.0) and target.low == pytest.approx(-2.95) and target.high == pytest.approx(-1.05)
     z = target.excess(torch.tensor([-2.0, -1.525, -1.05, -2.95, -4.85]))
     assert torch.allclose(z, torch.tensor([0.0, 0.5, 1.0, 1.0, 3.0]), atol=1e-6)
     values["feature_squeezing"] = np.linspace(0.0, 1.0, 101)  # one-sided, "high": only the upper tail counts
-    (fs,) = adaptive.targets(values, [("feature_squeezing", "one-sided")], None)
+    (fs,) = adaptive.targets(values, [Component("feature_squeezing", "one-sided")], None)
     assert fs.low == -np.inf and fs.high == pytest.approx(0.95)
     assert torch.allclose(fs.excess(torch.tensor([0.0, 0.5, 0.95])), torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
     with pytest.raises(ValueError, match="cannot differentiate 'fisher_form'"):
-        adaptive.targets({"fisher_form": np.ones(3)}, [("fisher_form", "one-sided")], None)
+        adaptive.targets({"fisher_form": np.ones(3)}, [Component("fisher_form", "one-sided")], None)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +123,8 @@ def test_adaptive_surrogates_equal_the_served_scores(mnist: Bundle, digits, scor
     x = x[:6].clone().requires_grad_(True)
     with torch.enable_grad():
         surrogate = adaptive.surrogates(mnist.mahalanobis)[score](mnist.model, x)
-    assert np.allclose(surrogate.detach().double().numpy(), _served(mnist, x.detach(), score), rtol=1e-4, atol=1e-6)
+    served, _ = score_batches(mnist.model, x.detach(), [score], {}, mahalanobis=mnist.mahalanobis)  # thresholded form
+    assert np.allclose(surrogate.detach().double().numpy(), served[score], rtol=1e-4, atol=1e-6)
 
 
 def test_surrogate_relu_keeps_second_derivatives() -> None:
