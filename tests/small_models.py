@@ -1,8 +1,13 @@
 """Small classifiers for the numerics tests: an MLP with tanh, a BatchNorm CNN with softplus, a ReLU
-residual net (with in-place ops), and a model that reuses a layer (weight sharing)."""
+residual net (with in-place ops), the shipped CIFAR-10 architecture at tiny widths (GELU, max-pooling,
+residual groups), and a model that reuses a layer (weight sharing)."""
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from models.cifar10.model import AirResNet
 
 
 class MLP(nn.Sequential):
@@ -83,12 +88,14 @@ def randomise_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
 def make(name: str, seed: int = 0) -> tuple[nn.Module, tuple[int, int, int]]:
     """A small model in eval mode with random BatchNorm statistics, and its input shape."""
     torch.manual_seed(seed)
-    model, shape = {
+    builders: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {
         "mlp": (MLP, (1, 6, 6)),
         "bncnn": (BNCNN, (3, 8, 8)),
         "resnet": (ResNet, (3, 8, 8)),
+        "air": (lambda: AirResNet(num_classes=5, widths=(3, 4, 5)), (3, 32, 32)),
         "shared": (Shared, (1, 4, 4)),
-    }[name]
+    }
+    model, shape = builders[name]
     m = model()
     randomise_batchnorm(m, torch.Generator().manual_seed(seed))
     return m.eval(), shape

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.cifar10.train import decode_split
 from service.bundle import Bundle, BundleError, load_bundle
 from service.calibration import COMBINED, Calibration, Combination, Component
 from service.fisher import HEATMAPS, SCORES, compute
+from tests.conftest import FIXTURES
 
 
 def test_shipped_mnist_bundle(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
@@ -37,6 +39,7 @@ def test_shipped_cifar10_bundle() -> None:
     assert b.input_shape == (3, 32, 32) and b.classes[:2] == ["airplane", "automobile"]
     assert b.card["training_data"]["sha256"] == "79dc3db9fb2b671e632a65307618b117ad7d2a315c023cdd4eaa529770a2ad32"
     assert b.card["param_count"] == sum(p.numel() for p in b.model.parameters())
+    assert b.card["architecture"] == "models.cifar10.model:build_air" and b.card["test_accuracy"] >= 0.90
     cal = b.calibration
     assert cal is not None and cal.weights_sha256 == b.weights_sha256 and cal.data["correct"] > 4300 and cal.n > 2150
     assert cal.decision_scores == ("margin", "feature_squeezing", "mahalanobis") and b.mahalanobis is not None
@@ -206,3 +209,13 @@ def test_calibration_json_round_trip(tmp_path: Path, mnist: Bundle) -> None:
     d = json.loads((tmp_path / "c.json").read_text())
     assert {"weights_sha256", "data", "n", "alpha", "decision", "scores", "created", "score_options"} <= set(d)
     assert d["data"]["sha256"] == "c3b4aadaefe08c5229d60a6d5e39187df38c4f0952536322357dcf401a6a3008"
+
+
+def test_shipped_cifar10_bundle_classifies_held_out_images(cifar10: Bundle) -> None:
+    """256 seeded images of the CIFAR-10 evaluation half (JPEG export, tests/fixtures); the card's
+    accuracy is on all 10,000 test images."""
+    with np.load(FIXTURES / "cifar10_eval256.npz") as d:
+        x, y = decode_split(d, "test")
+    with torch.no_grad():
+        acc = float((cifar10.model(x).argmax(1) == y).float().mean())
+    assert acc >= 0.85, acc

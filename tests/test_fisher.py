@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from service.fisher import HEATMAPS, SCORES, compute
+from service.fisher import HEATMAPS, SCORES, compute, persample
 from service.fisher.compute import Options, _auto_chunk, _forward
 from tests.reference import double, fis_finite_difference, fis_reference, reference
 from tests.small_models import make
 
-MODELS = ["mlp", "bncnn", "resnet", "shared"]
+MODELS = ["mlp", "bncnn", "resnet", "air", "shared"]
 EXACT = [s for s in SCORES if s != "fisher_noise_kl"]
 
 
@@ -41,7 +41,7 @@ def test_heatmap_matches_float64_reference(case, heatmap: str) -> None:  # type:
 
 
 def test_the_fast_path_is_taken_where_it_applies() -> None:
-    for name, fast in [("mlp", True), ("bncnn", True), ("resnet", True), ("shared", False)]:
+    for name, fast in [("mlp", True), ("bncnn", True), ("resnet", True), ("air", True), ("shared", False)]:
         model, shape = make(name)
         _, tape = _forward(model, torch.rand(2, *shape, requires_grad=True), True)
         assert (tape is not None) == fast, name
@@ -260,3 +260,20 @@ def test_fis_where_float32_cannot_hold_one_minus_p_hat(name: str) -> None:
     ref = reference(model, x)
     got = compute(model, x, [], ["fis"]).heatmaps["fis"]
     assert _rel(got, ref["fis"]) < 1e-3
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+def test_conv_ghost_products_equal_per_sample_weight_gradients(bias: bool, stride: int, padding: int, dilation: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(3, 7, 3, stride, padding, dilation, bias=bias).double()
+    a = torch.randn(4, 3, 9, 9, dtype=torch.float64, generator=gen)
+    out = conv(a)
+    gs = [torch.randn(out.shape, dtype=torch.float64, generator=gen) for _ in range(5)]
+    diag, cross = persample._conv_ghost_products(conv, a, gs, ref=2)
+    feats = persample._conv_features_stacked(conv, a, gs)  # per-sample weight (and bias) gradients
+    want_diag = torch.stack([persample._dot(f, f) for f in feats], 1)
+    want_cross = torch.stack([persample._dot(f, feats[2]) for f in feats], 1)
+    assert cross is not None
+    torch.testing.assert_close(diag, want_diag, rtol=1e-12, atol=0)
+    torch.testing.assert_close(cross, want_cross, rtol=1e-12, atol=1e-12)

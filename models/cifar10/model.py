@@ -1,4 +1,5 @@
-"""ResNet-20 for CIFAR-10 (He et al. 2016, option A shortcuts replaced by 1×1 projections): ~0.27M parameters."""
+"""CIFAR-10 classifiers: ResNet-20 (He et al. 2016, option A shortcuts replaced by 1×1 projections; ~0.27M parameters)
+and the shipped airbench-style residual net (AirResNet, ~1.97M)."""
 
 import torch
 import torch.nn.functional as F
@@ -65,3 +66,40 @@ def build() -> nn.Module:
 def build_wide() -> nn.Module:
     """Twice the width (32-64-128 channels, as in WRN-20-2): ~1.08M parameters, ~4× the compute."""
     return ResNet20(width=32)
+
+
+class ConvGroup(nn.Module):
+    """conv 3×3 → max-pool 2 → BN → GELU, then a residual conv 3×3 → BN → GELU: (N, cin, H, W) -> (N, cout, H/2, W/2)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.gelu(self.bn1(F.max_pool2d(self.conv1(x), 2)))
+        return h + F.gelu(self.bn2(self.conv2(h)))
+
+
+class AirResNet(nn.Module):
+    """The airbench94 network (Jordan 2024, "94% on CIFAR-10 in 3.29 seconds") with a residual second conv
+    per group: a 2×2 patch-whitening conv (24 channels) → GELU → three ConvGroups (64-256-256) →
+    max-pool 3 → linear (no bias) scaled by 1/9. (N, 3, 32, 32) images in [0, 1] -> (N, 10) logits;
+    ~1.97M parameters, ~0.12 GMACs per image (3× ResNet-20) but wide convolutions that run fast on CPU."""
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256)) -> None:
+        super().__init__()
+        self.norm = Normalize(MEAN, STD)
+        self.whiten = nn.Conv2d(3, 24, 2)  # (N, 24, 31, 31); set from data by whiten_from
+        self.groups = nn.Sequential(ConvGroup(24, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2]))
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.groups(F.gelu(self.whiten(self.norm(x))))  # (N, 256, 3, 3)
+        return self.head(F.max_pool2d(h, 3).flatten(1)) / 9  # (N, K)
+
+
+def build_air() -> nn.Module:
+    return AirResNet()

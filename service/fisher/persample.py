@@ -4,8 +4,8 @@ For a layer o = f(a; W) applied once per sample, the per-sample weight gradient 
 output gradient g is linear in g and in a: Linear gives g aᵀ, Conv2d gives Σ_t g_t â_tᵀ over the
 unfolded patches â_t, BatchNorm gives Σ_t g_t x̂_t per channel. So for two (a, g) pairs the inner
 product ⟨∇_W, ∇_W'⟩ needs no P-sized per-sample tensor for Linear layers on flat inputs
-("ghost norm": ⟨g aᵀ, g' a'ᵀ⟩ = (g·g')(a·a')) and only a small per-sample weight-sized tensor for
-convolutions and normalisation layers. The whole-model inner product is the sum over layers.
+("ghost norm": ⟨g aᵀ, g' a'ᵀ⟩ = (g·g')(a·a')), convolutions on small maps need only the T×T Gram
+matrices of their patches and output gradients, and the rest a small per-sample weight-sized tensor. The whole-model inner product is the sum over layers.
 """
 
 from collections.abc import Iterator
@@ -169,6 +169,32 @@ def _conv_features_stacked(m: nn.Conv2d, a: Tensor, gs: list[Tensor]) -> list[li
     return [[w[:, j]] + ([bias[:, j]] if bias is not None else []) for j in range(k)]
 
 
+def _conv_ghost(m: nn.Module, a: Tensor, gs: list[Tensor]) -> bool:
+    """Ghost norms for a conv layer pay off on small maps with many channels: per sample they cost
+    T²·(C·kh·kw + m·O) multiply-adds (the patch Gram matrix once, then one product per cotangent)
+    against m·O·C·kh·kw·T for the per-sample weight gradients (T output positions, m cotangents)."""
+    if not isinstance(m, nn.Conv2d) or isinstance(m.padding, str):
+        return False
+    t, o = gs[0].shape[2] * gs[0].shape[3], gs[0].shape[1]
+    ck = a.shape[1] * m.kernel_size[0] * m.kernel_size[1]
+    return t * (ck + len(gs) * o) < len(gs) * o * ck
+
+
+def _conv_ghost_products(m: nn.Conv2d, a: Tensor, gs: list[Tensor], ref: int | None) -> tuple[Tensor, Tensor | None]:
+    """⟨∇_W_j, ∇_W_r⟩ = Σ_{t,s} (g_j,t · g_r,s)(â_t · â_s + [bias]) per sample for all cotangents j,
+    without per-sample weight gradients: U = ÂᵀÂ (N, T, T) once, then V_j = g_j U.
+    a (N, C, H, W), gs [(N, O, H', W')] -> diag (N, m), cross (N, m) or None."""
+    assert not isinstance(m.padding, str)
+    u = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C·kh·kw, T)
+    gram = torch.bmm(u.transpose(1, 2), u)  # (N, T, T)
+    if m.bias is not None:
+        gram = gram + 1.0  # the bias gradient Σ_t g_t: ‖Σ_t g_t‖² = Σ_{t,s} g_t · g_s
+    g = torch.stack([x.flatten(2) for x in gs], 1)  # (N, m, O, T)
+    v = torch.matmul(g, gram.unsqueeze(1))  # (N, m, O, T)
+    cross = (v * g[:, ref : ref + 1]).sum((2, 3)) if ref is not None else None  # (N, m)
+    return (v * g).sum((2, 3)), cross
+
+
 def param_products(tape: Tape, grads: list[list[Tensor]], ref: int | None) -> tuple[Tensor, Tensor | None]:
     """For m cotangents (grads[j][l]: layer l's output gradient for cotangent j), per sample:
     diag (N, m) = ‖∇_θ_j‖² and, when ref is given, cross (N, m) = ⟨∇_θ_j, ∇_θ_ref⟩."""
@@ -184,6 +210,13 @@ def param_products(tape: Tape, grads: list[list[Tensor]], ref: int | None) -> tu
                 diag[j] = diag[j] + (g * g).sum(1) * aa
                 if ref is not None:
                     cross[j] = cross[j] + (g * gs[ref]).sum(1) * aa
+            continue
+        if isinstance(mod, nn.Conv2d) and _conv_ghost(mod, a, gs):
+            d, c = _conv_ghost_products(mod, a, gs, ref)
+            for j in range(m):
+                diag[j] = diag[j] + d[:, j]
+                if c is not None:
+                    cross[j] = cross[j] + c[:, j]
             continue
         if isinstance(mod, nn.Conv2d) and _stack_conv(mod, gs):
             feats = _conv_features_stacked(mod, a, gs)
