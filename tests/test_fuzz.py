@@ -64,14 +64,15 @@ async def _one(host: str, port: int, body: bytes, abandon: bool) -> int:
     return int(data.split(b" ", 2)[1])
 
 
-async def _soak(host: str, port: int, bodies: list[bytes], total: int, concurrency: int) -> list[int]:
+async def _soak(host: str, port: int, bodies: list[bytes], requests: range, concurrency: int) -> list[int]:
+    """Request i sends bodies[i % len(bodies)]; every 50th is abandoned."""
     sem = asyncio.Semaphore(concurrency)
 
     async def run(i: int) -> int:
         async with sem:
             return await asyncio.wait_for(_one(host, port, bodies[i % len(bodies)], abandon=i % 50 == 49), 120)
 
-    return list(await asyncio.gather(*(run(i) for i in range(total))))
+    return list(await asyncio.gather(*(run(i) for i in requests)))
 
 
 def _metric(base: str, prefix: str) -> float:
@@ -88,11 +89,14 @@ def test_soak_20000_requests_at_concurrency_64(digits) -> None:  # type: ignore[
     try:
         wait_ready(base, 120)
         bodies = [png(x[i]) for i in range(8)] + [b"not an image", png(x[0])[:50]]  # 1 in 5 is bad
-        asyncio.run(_soak("127.0.0.1", port, bodies, 2000, 64))  # warm up, then measure memory
+        asyncio.run(_soak("127.0.0.1", port, bodies, range(2000), 64))  # warm up, then measure memory
         rss0 = _rss_kb(proc.pid)
         before_ok = _metric(base, 'fisherguard_requests_total{route="/v1/detect",status="200"}')
         before_bad = _metric(base, 'fisherguard_requests_total{route="/v1/detect",status="400"}')
-        statuses = asyncio.run(_soak("127.0.0.1", port, bodies, 20_000, 64))
+        statuses, rss = [], []  # ten chunks of 2000, resident memory after each
+        for start in range(0, 20_000, 2000):
+            statuses += asyncio.run(_soak("127.0.0.1", port, bodies, range(start, start + 2000), 64))
+            rss.append(_rss_kb(proc.pid))
         answered = [s for s in statuses if s]
         assert len(answered) == 20_000 - 20_000 // 50  # every request not abandoned got an answer
         assert set(answered) <= {200, 400}, sorted(set(answered))
@@ -109,8 +113,12 @@ def test_soak_20000_requests_at_concurrency_64(digits) -> None:  # type: ignore[
             for p in ("fisherguard_requests_total{", "fisherguard_request_duration_seconds_count")
         ]
         assert counts[0] == counts[1]
-        rss1 = _rss_kb(proc.pid)
-        assert abs(rss1 - rss0) <= 0.1 * rss0, (rss0, rss1)
+        # A leak grows with the request count; the allocator's high-water marks come and go (±15 MB
+        # between chunks here). Medians of the first and last three chunks, 14,000 requests apart:
+        # 5% of the resident set flags a leak of about 1.4 KB per request.
+        first, last = sorted(rss[:3])[1], sorted(rss[-3:])[1]
+        assert last - first <= 0.05 * rss0, (rss0, rss)
+        assert max(rss) <= 1.5 * rss0, (rss0, rss)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
