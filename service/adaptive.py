@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from service.baselines import KNOWN, Mahalanobis, feature_squeezing
 from service.calibration import Component
+from service.fisher import functional
 from service.fisher.basics import entropy, log_odds, predicted
 
 Surrogate = Callable[[nn.Module, Tensor], Tensor]  # differentiable score in its thresholded form, (N,)
@@ -36,6 +37,17 @@ def log10_input_trace(model: nn.Module, x: Tensor) -> Tensor:
         (g,) = torch.autograd.grad(log_p[:, k].sum(), x, create_graph=True)
         total = total + log_p[:, k].exp() * g.flatten(1).pow(2).sum(1)
     return total.clamp_min(1e-30).log10()
+
+
+def log10_param_trace(model: nn.Module, x: Tensor) -> Tensor:
+    """log10 tr F_θ = log10 tr(A·J_θJ_θᵀ), A = diag(p) − ppᵀ (N, K, K) and J_θJ_θᵀ the per-sample Gram
+    of the logit gradients (torch.func: K vector-Jacobian products per image), differentiable in x. -> (N,)."""
+    p = torch.softmax(model(x).double(), 1)  # (N, K); float64: 1 − p̂ cancels on confident images
+    n, k = p.shape
+    units = torch.eye(k, device=x.device).expand(n, k, k).transpose(0, 1)  # (K, N, K): e_k per image
+    gram = functional.param_gram(model, x, units.to(x.dtype)).double()  # (N, K, K)
+    a = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, K, K)
+    return (a * gram).sum((1, 2)).clamp_min(1e-30).log10()
 
 
 def margin(model: nn.Module, x: Tensor) -> Tensor:
@@ -58,6 +70,7 @@ def surrogates(mahalanobis: Mahalanobis | None) -> dict[str, Surrogate]:
         "margin": margin,
         "sensitivity": log10_sensitivity,
         "fisher_input_trace": log10_input_trace,
+        "fisher_param_trace": log10_param_trace,
         "feature_squeezing": lambda m, x: feature_squeezing(m, x, grad=True),
     }
     if mahalanobis is not None:

@@ -179,13 +179,18 @@ def ossa(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
 
 class _SurrogateReLU(torch.autograd.Function):
     """ReLU forward; the derivative of softplus(βx)/β in the backward, so that second derivatives
-    (double backprop through a gradient-based score) do not vanish."""
+    (double backprop through a gradient-based score) do not vanish. Composes with torch.func (vmap)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, beta: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.beta = beta
+    def forward(x: Tensor, beta: float) -> Tensor:  # type: ignore[override]
         return x.clamp_min(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[Tensor, float], output: Tensor) -> None:  # type: ignore[no-untyped-def, override]
+        x, ctx.beta = inputs
+        ctx.save_for_backward(x)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from service.bundle import Bundle
-from service.calibration import COMBINED, Calibration, Combination, Component, stored
+from service.calibration import COMBINED, Calibration, Combination, Component
 from service.data import Dataset
 from service.scoring import score_batches
 
@@ -62,15 +62,25 @@ def calibrate(
     )
 
 
+def same_values(a: np.ndarray, b: np.ndarray, tol: float = 1e-2) -> bool:
+    """Sorted values a, b (n,) equal up to float32 noise: max |a − b| ≤ tol · IQR(b). Scoring in other
+    batch sizes moves Fisher scores of the most confident images by up to ~0.4% of the IQR (CIFAR-10
+    net; the median image by ~1e-6); another image set or other weights moves the quantiles far more."""
+    if a.shape != b.shape:
+        return False
+    iqr = float(np.subtract(*np.percentile(b, [75, 25]))) if len(b) else 0.0
+    return bool(np.all(np.abs(a - b) <= tol * iqr + 1e-12 * np.abs(b)))
+
+
 def redecide(
     cal: Calibration, clean: Mapping[str, np.ndarray], alpha: float, statistic: str, tail: str, components: Sequence[Component] = ()
 ) -> Calibration:
     """A new decision on the same clean images, without scoring them again: clean holds their values
     aligned per image (score -> (n,)), e.g. the clean part of `fisherguard evaluate --split calibration`
-    on the same bundle; every score must sort to exactly cal's values (the same images, the same numbers
-    to the 9 digits calibration.json keeps)."""
+    on the same bundle; every score must sort to cal's values up to float32 reproducibility (the same
+    images and weights scored in other batches: within 1% of the values' interquartile range)."""
     for name, values in cal.values.items():
-        if name not in clean or not np.array_equal(stored(np.sort(clean[name])), stored(values)):
+        if name not in clean or not same_values(np.sort(clean[name]), np.asarray(values)):
             raise ValueError(
                 f"the per-image scores do not match this calibration's values of {name!r}: score the same split with the same weights"
             )

@@ -15,6 +15,7 @@ from service.cli import main
 from service.evaluate import parse_attack, roc_auc
 from service.fisher.compute import input_fisher_top_eigenpair
 from service.scoring import score_batches
+from tests import small_models
 from tests.conftest import FIXTURES
 
 
@@ -115,7 +116,7 @@ def test_adaptive_penalty_is_zero_inside_and_grows_outside_the_clean_range() -> 
 
 
 @pytest.mark.parametrize(
-    "score", ["confidence", "entropy", "margin", "sensitivity", "fisher_input_trace", "feature_squeezing", "mahalanobis"]
+    "score", ["confidence", "entropy", "margin", "sensitivity", "fisher_input_trace", "fisher_param_trace", "feature_squeezing", "mahalanobis"]
 )
 def test_adaptive_surrogates_equal_the_served_scores(mnist: Bundle, digits, score: str) -> None:  # type: ignore[no-untyped-def]
     """What the attacker differentiates is the score the decision reads (thresholded form), on real digits."""
@@ -125,6 +126,19 @@ def test_adaptive_surrogates_equal_the_served_scores(mnist: Bundle, digits, scor
         surrogate = adaptive.surrogates(mnist.mahalanobis)[score](mnist.model, x)
     served, _ = score_batches(mnist.model, x.detach(), [score], {}, mahalanobis=mnist.mahalanobis)  # thresholded form
     assert np.allclose(surrogate.detach().double().numpy(), served[score], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bncnn", "resnet"])
+def test_param_trace_surrogate_is_differentiable_in_x(name: str) -> None:
+    """The torch.func stand-in for tr F_θ: its x-gradient matches finite differences (float64), and
+    under the softplus ReLU surrogate (inside vmap) it stays finite and nonzero."""
+    model, shape = small_models.make(name)
+    model = model.double()
+    x = torch.rand(2, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: adaptive.log10_param_trace(model, t), (x,), fast_mode=True)
+    with attacks.relu_surrogate(beta=10.0):
+        (g,) = torch.autograd.grad(adaptive.log10_param_trace(model, x).sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
 def test_surrogate_relu_keeps_second_derivatives() -> None:

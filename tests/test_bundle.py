@@ -42,7 +42,7 @@ def test_shipped_cifar10_bundle() -> None:
     assert b.card["architecture"] == "models.cifar10.model:build_air" and b.card["test_accuracy"] >= 0.90
     cal = b.calibration
     assert cal is not None and cal.weights_sha256 == b.weights_sha256 and cal.data["correct"] > 4300 and cal.n > 2150
-    assert cal.decision_scores == ("margin", "feature_squeezing", "mahalanobis") and b.mahalanobis is not None
+    assert cal.decision_scores == ("fisher_input_trace", "margin", "feature_squeezing") and b.mahalanobis is not None
     assert set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis"}
     with torch.no_grad():
         assert b.model(torch.rand(2, 3, 32, 32)).shape == (2, 10)

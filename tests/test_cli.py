@@ -107,7 +107,10 @@ def test_calibrate_scores_changes_the_decision_without_rescoring(
     assert fast["created"] <= slow["created"]
     assert {k: v for k, v in fast.items() if k != "created"} == {k: v for k, v in slow.items() if k != "created"}
     z = dict(np.load(tmp_path / "e" / "scores.npz"))
-    z["clean/margin"] = z["clean/margin"][::-1] + 1e-9  # other numbers: refused
+    z["clean/margin"] = z["clean/margin"][::-1] * (1 + 1e-6)  # float32 noise (other batches): accepted
+    np.savez(tmp_path / "noisy.npz", **z)
+    assert main([*args, *parts, "--scores", str(tmp_path / "noisy.npz"), "--out", str(tmp_path / "noisy.json")]) == 0
+    z["clean/margin"] = z["clean/margin"] * 1.1  # other numbers: refused
     np.savez(tmp_path / "other.npz", **z)
     assert main([*args, *parts, "--scores", str(tmp_path / "other.npz")]) == 2
     assert "do not match this calibration's values of 'margin'" in capsys.readouterr().err
