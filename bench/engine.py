@@ -2,6 +2,7 @@
 
     python bench/engine.py                      # CPU, 2 threads -> bench/results/engine-cpu.json
     python bench/engine.py --device cuda        # GPU            -> bench/results/engine-cuda.json
+    python bench/engine.py --models cifar10 --batches 1,8 --out bench/results/engine-cpu-cifar10.json
 
 Peers for `fisher_param_trace` need BackPACK: `pip install --no-deps backpack-for-pytorch unfoldNd einops`
 (its declared torchvision dependency is not used and would replace the pinned torch).
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import environment, interleaved, write
 from models.cifar10.model import build as resnet20
 from service.bundle import load_bundle
-from service.fisher import HEATMAPS, SCORES, compute
+from service.fisher import HEATMAPS, SCORES, compute, persample
 
 FLOOR_OF = {
     "confidence": "forward",
@@ -72,6 +73,11 @@ def floors(model: nn.Module, x: Tensor, k: int) -> dict[str, Callable[[], Any]]:
         with torch.no_grad():
             model(x)
 
+    def fwd_m() -> None:
+        with torch.no_grad():
+            for _ in range(NOISE_SAMPLES):
+                model(x)
+
     def bwd(targets: str, passes: int) -> Callable[[], None]:
         def run() -> None:
             xr = x.detach().requires_grad_(True)
@@ -84,6 +90,7 @@ def floors(model: nn.Module, x: Tensor, k: int) -> dict[str, Callable[[], Any]]:
 
     return {
         "forward": fwd,
+        "M·forward": fwd_m,
         "fwd+bwd_x": bwd("x", 1),
         "fwd+bwd_x,θ": bwd("xθ", 1),
         "fwd+K·bwd_x": bwd("x", k),
@@ -146,6 +153,16 @@ def backpack_param_trace(model: nn.Module, x: Tensor) -> Callable[[], Tensor] | 
     return run
 
 
+def without_conv_ghost(model: nn.Module, x: Tensor) -> Tensor:
+    """The engine's tr F_θ with the ghost-norm path for convolutions switched off (ablation)."""
+    saved = persample._conv_ghost
+    persample._conv_ghost = lambda *args: False  # type: ignore[assignment]
+    try:
+        return compute(model, x, ["fisher_param_trace"]).scores["fisher_param_trace"]
+    finally:
+        persample._conv_ghost = saved  # type: ignore[assignment]
+
+
 def bench_model(
     name: str, model: nn.Module, shape: tuple[int, ...], batches: list[int], reps: int, device: str, peers: bool
 ) -> list[dict[str, Any]]:
@@ -162,6 +179,7 @@ def bench_model(
         if peers:
             methods["peer:loop fisher_param_trace"] = lambda x=x: loop_param_trace(model, x)  # type: ignore[misc]
             methods["peer:vmap(jacrev) fisher_param_trace"] = lambda x=x: vmap_jacrev_param_trace(model, x)  # type: ignore[misc]
+            methods["peer:no conv ghost norms fisher_param_trace"] = lambda x=x: without_conv_ghost(model, x)  # type: ignore[misc]
             bp = backpack_param_trace(model, x)
             if bp is not None:
                 methods["peer:backpack BatchDiagGGNExact fisher_param_trace"] = bp
@@ -184,7 +202,7 @@ def bench_model(
 def check_peers(model: nn.Module, x: Tensor) -> None:
     """The peers compute the same numbers as the engine (else the comparison means nothing)."""
     ours = compute(model, x[:4], ["fisher_param_trace"]).scores["fisher_param_trace"].float()
-    for fn in (loop_param_trace, vmap_jacrev_param_trace):
+    for fn in (loop_param_trace, vmap_jacrev_param_trace, without_conv_ghost):
         theirs = fn(model, x[:4]).detach().float()
         assert torch.allclose(ours.cpu(), theirs.cpu(), rtol=1e-3), (fn.__name__, ours, theirs)
 
@@ -203,17 +221,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--models", default="mnist,example-cnn,resnet20", help="any of mnist, example-cnn, resnet20, cifar10")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     batches = [int(b) for b in a.batches.split(",")]
+    models: dict[str, tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = {
+        "mnist": ("mnist (shipped, 0.46M, BatchNorm CNN)", lambda: load_bundle("mnist").model, (1, 28, 28)),
+        "example-cnn": ("example-cnn (1.2M, conv-conv-9216-128-10)", example_cnn, (1, 28, 28)),
+        "resnet20": ("resnet20 (CIFAR size 3x32x32, 0.27M)", resnet20, (3, 32, 32)),
+        "cifar10": ("cifar10 (shipped air net, 1.97M, 3x32x32)", lambda: load_bundle("cifar10").model, (3, 32, 32)),
+    }
     rows = []
-    rows += bench_model(
-        "mnist (shipped, 0.46M, BatchNorm CNN)", load_bundle("mnist").model, (1, 28, 28), batches, a.reps, a.device, peers=True
-    )
-    rows += bench_model("example-cnn (1.2M, conv-conv-9216-128-10)", example_cnn(), (1, 28, 28), batches, a.reps, a.device, peers=True)
-    rows += bench_model("resnet20 (CIFAR size 3x32x32, 0.27M)", resnet20(), (3, 32, 32), batches, a.reps, a.device, peers=True)
+    for key in a.models.split(","):
+        if key not in models:
+            ap.error(f"unknown model {key!r}: choose from {sorted(models)}")
+        name, build, shape = models[key]
+        rows += bench_model(name, build(), shape, batches, a.reps, a.device, peers=True)
     out = a.out or Path(__file__).parent / "results" / f"engine-{a.device.split(':')[0]}.json"
     write(out, {"environment": environment(a.device), "reps": a.reps, "rows": rows})
     print(f"\nwrote {out}")
