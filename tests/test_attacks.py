@@ -116,7 +116,8 @@ def test_adaptive_penalty_is_zero_inside_and_grows_outside_the_clean_range() -> 
 
 
 @pytest.mark.parametrize(
-    "score", ["confidence", "entropy", "margin", "sensitivity", "fisher_input_trace", "fisher_param_trace", "feature_squeezing", "mahalanobis"]
+    "score",
+    ["confidence", "entropy", "margin", "sensitivity", "fisher_input_trace", "fisher_param_trace", "feature_squeezing", "mahalanobis"],
 )
 def test_adaptive_surrogates_equal_the_served_scores(mnist: Bundle, digits, score: str) -> None:  # type: ignore[no-untyped-def]
     """What the attacker differentiates is the score the decision reads (thresholded form), on real digits."""
