@@ -169,11 +169,11 @@ def _conv_features_stacked(m: nn.Conv2d, a: Tensor, gs: list[Tensor]) -> list[li
     return [[w[:, j]] + ([bias[:, j]] if bias is not None else []) for j in range(k)]
 
 
-def _conv_ghost(m: nn.Module, a: Tensor, gs: list[Tensor]) -> bool:
+def _conv_ghost(m: nn.Conv2d, a: Tensor, gs: list[Tensor]) -> bool:
     """Ghost norms for a conv layer pay off on small maps with many channels: per sample they cost
     T²·(C·kh·kw + m·O) multiply-adds (the patch Gram matrix once, then one product per cotangent)
     against m·O·C·kh·kw·T for the per-sample weight gradients (T output positions, m cotangents)."""
-    if not isinstance(m, nn.Conv2d) or isinstance(m.padding, str):
+    if isinstance(m.padding, str):  # "same"/"valid": unfold needs numbers
         return False
     t, o = gs[0].shape[2] * gs[0].shape[3], gs[0].shape[1]
     ck = a.shape[1] * m.kernel_size[0] * m.kernel_size[1]
