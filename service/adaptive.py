@@ -75,6 +75,8 @@ def surrogates(mahalanobis: Mahalanobis | None) -> dict[str, Surrogate]:
     }
     if mahalanobis is not None:
         table["mahalanobis"] = lambda m, x: mahalanobis.score(m, x, grad=True)
+        if mahalanobis.layers:
+            table["mahalanobis_layers"] = lambda m, x: mahalanobis.layers_score(m, x, grad=True)
     return table
 
 

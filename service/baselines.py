@@ -2,13 +2,18 @@
 
 - Mahalanobis (Lee et al. 2018): class-conditional Gaussians with a tied covariance on the
   penultimate features, fitted on clean training images; score = min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c).
+- Multi-layer Mahalanobis (Lee et al.'s feature ensemble, with clean-data weights): the same distance
+  d_l on the channel means of several hidden layers' outputs and on the penultimate features, each
+  divided by its median on the training images it was fitted on, summed: Σ_l d_l(x) / median_train d_l.
+  (Lee et al. weight the layers by a logistic regression on adversarial examples; we use no attack.)
 - Feature squeezing (Xu et al. 2018): max over squeezers of ‖p(x) − p(squeeze(x))‖₁, with bit-depth
   reduction and a 2×2 median filter. Needs no fitting at all.
 Both are "larger = more unusual".
 """
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,54 +22,142 @@ from torch import Tensor, nn
 
 from service.fisher import SCORES, ScoreSpec
 
-SPECS: dict[str, ScoreSpec] = {"mahalanobis": ScoreSpec("high", False), "feature_squeezing": ScoreSpec("high", False)}
+SPECS: dict[str, ScoreSpec] = {
+    "mahalanobis": ScoreSpec("high", False),
+    "mahalanobis_layers": ScoreSpec("high", False),
+    "feature_squeezing": ScoreSpec("high", False),
+}
+BASELINES = tuple(SPECS)
 KNOWN: dict[str, ScoreSpec] = SCORES | SPECS  # every score a calibration may hold
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
 def penultimate(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
     """The input of the model's last nn.Linear: the penultimate features. -> (N, F).
     grad=True keeps them differentiable in x (for an adaptive attacker)."""
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    feats: list[Tensor] = []
-    handle = last.register_forward_hook(lambda mod, args, out: feats.append(args[0]))
+    return features(model, x, (), grad)[PENULTIMATE]
+
+
+PENULTIMATE = "penultimate"  # the name features() gives the input of the last nn.Linear
+
+
+def features(model: nn.Module, x: Tensor, taps: Sequence[str], grad: bool = False) -> dict[str, Tensor]:
+    """One forward pass; the outputs of the modules named `taps` (4-D ones reduced to their channel
+    means, (N, C)) and the penultimate features (N, F), keyed by tap name and PENULTIMATE."""
+    modules = dict(model.named_modules())
+    out: dict[str, Tensor] = {}
+
+    def keep(name: str, t: Tensor) -> None:
+        out[name] = t.mean((2, 3)) if t.dim() == 4 else t.flatten(1)
+
+    handles = [modules[t].register_forward_hook(lambda mod, args, o, t=t: keep(t, o)) for t in taps]
+    handles.append(_last_linear(model).register_forward_hook(lambda mod, args, o: keep(PENULTIMATE, args[0])))
     try:
         with torch.set_grad_enabled(grad):
             model(x)
     finally:
-        handle.remove()
-    return feats[0].flatten(1) if grad else feats[0].detach().flatten(1)
+        for h in handles:
+            h.remove()
+    return out if grad else {k: v.detach() for k, v in out.items()}
+
+
+def stage_outputs(model: nn.Module, x: Tensor) -> list[str]:
+    """The default hidden layers for the multi-layer fit, in forward order: for each spatial size of the
+    4-D activations, the module that finishes last with an output of that size (the end of that stage),
+    counting only blocks (modules with children) where a size has any, single layers otherwise."""
+    done: list[tuple[str, torch.Size, bool]] = []
+    handles = [
+        m.register_forward_hook(
+            lambda mod, args, o, n=n: done.append((n, o.shape, any(True for _ in mod.children()))) if isinstance(o, Tensor) else None
+        )
+        for n, m in model.named_modules()
+        if n
+    ]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    sizes = {shape[2:] for _, shape, _ in done if len(shape) == 4}
+    blocks = {shape[2:] for _, shape, block in done if len(shape) == 4 and block}
+    last = {shape[2:]: n for n, shape, block in done if len(shape) == 4 and (block or shape[2:] not in blocks)}
+    order = [n for n, _, _ in done]
+    return sorted((last[s] for s in sizes), key=order.index)
 
 
 @dataclass
-class Mahalanobis:
+class Gaussians:
+    """Class-conditional Gaussians with a tied covariance on one layer's features."""
+
     means: Tensor  # (K, F)
     precision: Tensor  # (F, F)
 
     @classmethod
-    def fit(cls, model: nn.Module, x: Tensor, y: Tensor, batch: int = 500) -> "Mahalanobis":
-        f = torch.cat([penultimate(model, x[i : i + batch]) for i in range(0, len(x), batch)]).double()  # (N, F)
+    def fit(cls, f: Tensor, y: Tensor) -> "Gaussians":
+        """f (N, F), y (N,). Σ gets a ridge of 1e-3 × its mean variance (dead units have none)."""
+        f = f.double()
         classes = torch.unique(y)  # classes without images get no Gaussian
         means = torch.stack([f[y == c].mean(0) for c in classes])  # (K', F)
         centred = f - means[torch.searchsorted(classes, y)]
         cov = centred.T @ centred / len(f)  # tied covariance (F, F)
-        ridge = 1e-3 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)  # dead units have no variance
+        ridge = 1e-3 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
         return cls(means, torch.linalg.inv(cov + ridge))
 
     def distance(self, f: Tensor) -> Tensor:
-        """min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c) of penultimate features f (N, F), float64 -> (N,)."""
+        """min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c) of features f (N, F), float64 -> (N,)."""
         d = f.double()[:, None, :] - self.means.to(f.device)[None]  # (N, K, F)
         return torch.einsum("nkf,fg,nkg->nk", d, self.precision.to(f.device), d).min(1).values  # (N,)
+
+
+@dataclass
+class Mahalanobis:
+    """The penultimate fit (score `mahalanobis`) and, when fitted with hidden layers, the multi-layer
+    ensemble (score `mahalanobis_layers`): layers[name] = (Gaussians, median training distance)."""
+
+    means: Tensor  # (K, F) penultimate
+    precision: Tensor  # (F, F)
+    layers: dict[str, tuple[Gaussians, float]] = field(default_factory=dict)  # hidden taps and PENULTIMATE
+
+    @classmethod
+    def fit(cls, model: nn.Module, x: Tensor, y: Tensor, batch: int = 500, taps: Sequence[str] | None = None) -> "Mahalanobis":
+        """Fits on clean training images x (N, C, H, W), y (N,); taps default to stage_outputs(model, x)."""
+        taps = stage_outputs(model, x) if taps is None else list(taps)
+        parts = [features(model, x[i : i + batch], taps) for i in range(0, len(x), batch)]
+        f = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # name -> (N, F_l)
+        fits = {k: Gaussians.fit(v, y) for k, v in f.items()}
+        pen = fits[PENULTIMATE]
+        layers = {k: (g, float(g.distance(f[k]).median())) for k, g in fits.items()} if taps else {}
+        return cls(pen.means, pen.precision, layers)
+
+    def distance(self, f: Tensor) -> Tensor:
+        """min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c) of penultimate features f (N, F), float64 -> (N,)."""
+        return Gaussians(self.means, self.precision).distance(f)
 
     def score(self, model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
         return self.distance(penultimate(model, x, grad))
 
+    def layers_score(self, model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
+        """Σ_l d_l(x) / median_train d_l over the fitted layers, float64 -> (N,)."""
+        if not self.layers:
+            raise ValueError("this Mahalanobis fit has no hidden layers: refit with `fisherguard calibrate --fit-mahalanobis N`")
+        f = features(model, x, [k for k in self.layers if k != PENULTIMATE], grad)
+        return torch.stack([g.distance(f[k]) / scale for k, (g, scale) in self.layers.items()]).sum(0)
+
     def save(self, path: Path, weights_sha256: str) -> None:
-        """safetensors, tied to the model weights it was fitted for."""
+        """safetensors, tied to the model weights it was fitted for; hidden layers under layer/<name>/
+        (the penultimate layer's Gaussians are the top-level means/precision, stored once)."""
         from safetensors.torch import save_file
 
-        save_file(
-            {"means": self.means.contiguous(), "precision": self.precision.contiguous()}, str(path), {"weights_sha256": weights_sha256}
-        )
+        tensors = {"means": self.means.contiguous(), "precision": self.precision.contiguous()}
+        for k, (g, scale) in self.layers.items():
+            if k != PENULTIMATE:
+                tensors |= {f"layer/{k}/means": g.means.contiguous(), f"layer/{k}/precision": g.precision.contiguous()}
+            tensors[f"layer/{k}/scale"] = torch.tensor(scale, dtype=torch.float64)
+        save_file(tensors, str(path), {"weights_sha256": weights_sha256, "layers": json.dumps(list(self.layers))})
 
     @classmethod
     def load(cls, path: Path) -> tuple["Mahalanobis", str]:
@@ -73,7 +166,13 @@ class Mahalanobis:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-            return cls(f.get_tensor("means"), f.get_tensor("precision")), meta.get("weights_sha256", "")
+            pen = Gaussians(f.get_tensor("means"), f.get_tensor("precision"))
+
+            def gaussians(k: str) -> Gaussians:
+                return pen if k == PENULTIMATE else Gaussians(f.get_tensor(f"layer/{k}/means"), f.get_tensor(f"layer/{k}/precision"))
+
+            layers = {k: (gaussians(k), float(f.get_tensor(f"layer/{k}/scale"))) for k in json.loads(meta.get("layers", "[]"))}
+            return cls(pen.means, pen.precision, layers), meta.get("weights_sha256", "")
 
 
 def _bit_depth(x: Tensor, bits: int) -> Tensor:
@@ -102,7 +201,9 @@ def feature_squeezing(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor
 
 def available(mahalanobis: Mahalanobis | None) -> tuple[str, ...]:
     """The baseline scores a bundle can serve: feature squeezing always, Mahalanobis with its fit."""
-    return ("feature_squeezing", "mahalanobis") if mahalanobis is not None else ("feature_squeezing",)
+    if mahalanobis is None:
+        return ("feature_squeezing",)
+    return ("feature_squeezing", "mahalanobis", "mahalanobis_layers") if mahalanobis.layers else ("feature_squeezing", "mahalanobis")
 
 
 def baseline_scores(model: nn.Module, x: Tensor, names: Sequence[str], mahalanobis: Mahalanobis | None) -> dict[str, Tensor]:
@@ -114,4 +215,8 @@ def baseline_scores(model: nn.Module, x: Tensor, names: Sequence[str], mahalanob
         if mahalanobis is None:
             raise ValueError("this bundle has no mahalanobis.safetensors: fit one with `fisherguard calibrate --fit-mahalanobis N`")
         out["mahalanobis"] = mahalanobis.score(model, x)
+    if "mahalanobis_layers" in names:
+        if mahalanobis is None:
+            raise ValueError("this bundle has no mahalanobis.safetensors: fit one with `fisherguard calibrate --fit-mahalanobis N`")
+        out["mahalanobis_layers"] = mahalanobis.layers_score(model, x)
     return out

@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from service.baselines import BASELINES
 from service.evaluate import ATTACK_HELP
 from service.fisher import SCORES
 
@@ -37,7 +38,9 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         from service.baselines import Mahalanobis
         from service.data import load_train_subset
 
-        fit = Mahalanobis.fit(bundle.model, *load_train_subset(a.train_data or a.data or _default_data(bundle.card), a.fit_mahalanobis))
+        taps = a.mahalanobis_layers.split(",") if a.mahalanobis_layers else None
+        train = load_train_subset(a.train_data or a.data or _default_data(bundle.card), a.fit_mahalanobis)
+        fit = Mahalanobis.fit(bundle.model, *train, taps=taps)
         fit.save(bundle.path / "mahalanobis.safetensors", bundle.weights_sha256)
         bundle.mahalanobis = fit
     statistic = a.statistic or (
@@ -75,12 +78,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     names = [b for b in a.baselines.split(",") if b]
     if "feature_squeezing" in names:
         baselines["feature_squeezing"] = feature_squeezing
-    if "mahalanobis" in names:
+    if {"mahalanobis", "mahalanobis_layers"} & set(names):
         maha = Mahalanobis.fit(bundle.model, *load_train_subset(path, a.train_subset))
-        baselines["mahalanobis"] = maha.score
-    unknown = set(names) - {"feature_squeezing", "mahalanobis"}
+        baselines |= {"mahalanobis": maha.score, "mahalanobis_layers": maha.layers_score}
+        baselines = {k: v for k, v in baselines.items() if k in names}
+    unknown = set(names) - set(BASELINES)
     if unknown:
-        raise ValueError(f"unknown baselines {sorted(unknown)}; known: feature_squeezing, mahalanobis")
+        raise ValueError(f"unknown baselines {sorted(unknown)}; known: {', '.join(BASELINES)}")
     cal_half = load_dataset(path, "calibration", bundle.classes, bundle.input_shape) if baselines and a.split == "evaluation" else None
     attack_list = [parse_attack(s, bundle) for s in a.attacks.split(",")]
     report = evaluate(
@@ -195,10 +199,16 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="fit the Mahalanobis baseline on N seeded training images and write <bundle>/mahalanobis.safetensors first",
     )
+    c.add_argument(
+        "--mahalanobis-layers",
+        metavar="NAMES",
+        help="with --fit-mahalanobis: comma list of module names (model.named_modules()) whose outputs the multi-layer "
+        "score uses (default: the end of each stage, service.baselines.stage_outputs)",
+    )
     c.add_argument("--train-data", type=Path, help="npz with the training split for --fit-mahalanobis (default: --data)")
     c.add_argument(
         "--statistic",
-        choices=[*sorted(SCORES), "feature_squeezing", "mahalanobis", "combined"],
+        choices=[*sorted(SCORES), *BASELINES, "combined"],
         help="decision statistic (default: the bundle's current one)",
     )
     c.add_argument(
@@ -228,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
         default="pgd_linf:0.1,pgd_linf:0.3",
         help=f"comma list: {ATTACK_HELP}",
     )
-    e.add_argument("--baselines", default="", help="comma list of mahalanobis, feature_squeezing")
+    e.add_argument("--baselines", default="", help=f"comma list of {', '.join(BASELINES)}")
     e.add_argument("--train-subset", type=int, default=10000, help="training images that fit the Mahalanobis baseline")
     e.add_argument("--limit", type=int, help="attack at most this many clean images (seeded subset)")
     e.add_argument("--out", type=Path, default=Path("bench/results/evaluate"))

@@ -59,10 +59,12 @@ def test_all_scores_and_heatmaps(client: TestClient, digits, mnist: Bundle) -> N
     x, _ = digits
     r = client.post("/v1/detect?scores=all&heatmaps=" + ",".join(HEATMAPS), content=png(x[1]), headers=PNG)
     res = r.json()["results"][0]
-    assert set(res["scores"]) == set(SCORES) | {"feature_squeezing", "mahalanobis"}
+    assert set(res["scores"]) == set(SCORES) | {"feature_squeezing", "mahalanobis", "mahalanobis_layers"}
     assert res["scores"]["feature_squeezing"] == pytest.approx(float(feature_squeezing(mnist.model, x[1:2])[0]), rel=1e-5, abs=1e-9)
     assert mnist.mahalanobis is not None
     assert res["scores"]["mahalanobis"] == pytest.approx(float(mnist.mahalanobis.score(mnist.model, x[1:2])[0]), rel=1e-5)
+    layers = float(mnist.mahalanobis.layers_score(mnist.model, x[1:2])[0])
+    assert res["scores"]["mahalanobis_layers"] == pytest.approx(layers, rel=1e-5)
     direct = compute(mnist.model, x[1:2], list(SCORES), HEATMAPS, **mnist.calibration.score_options)  # type: ignore[union-attr]
     for k in SCORES:
         assert res["scores"][k] == pytest.approx(float(direct.scores[k][0]), rel=1e-4), k

@@ -117,7 +117,17 @@ def test_adaptive_penalty_is_zero_inside_and_grows_outside_the_clean_range() -> 
 
 @pytest.mark.parametrize(
     "score",
-    ["confidence", "entropy", "margin", "sensitivity", "fisher_input_trace", "fisher_param_trace", "feature_squeezing", "mahalanobis"],
+    [
+        "confidence",
+        "entropy",
+        "margin",
+        "sensitivity",
+        "fisher_input_trace",
+        "fisher_param_trace",
+        "feature_squeezing",
+        "mahalanobis",
+        "mahalanobis_layers",
+    ],
 )
 def test_adaptive_surrogates_equal_the_served_scores(mnist: Bundle, digits, score: str) -> None:  # type: ignore[no-untyped-def]
     """What the attacker differentiates is the score the decision reads (thresholded form), on real digits."""
@@ -200,14 +210,17 @@ def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
         "--attacks",
         "fgsm:0.2,noise:0.05",
         "--baselines",
-        "mahalanobis,feature_squeezing",
+        "mahalanobis,mahalanobis_layers,feature_squeezing",
         "--out",
         str(out),
     ]
     assert main(args) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["baselines"] == ["mahalanobis"]  # fitted and calibrated by the harness; feature_squeezing comes calibrated
+    assert rep["baselines"] == [
+        "mahalanobis",
+        "mahalanobis_layers",
+    ]  # fitted and calibrated by the harness; feature_squeezing comes calibrated
     assert rep["attacks"]["noise:0.05"]["control"] and rep["attacks"]["noise:0.05"]["n_successful"] == rep["attacked_images"]
     scores = rep["attacks"]["fgsm:0.2"]["scores"]
-    assert {"feature_squeezing", "mahalanobis", "fisher_input_trace"} <= set(scores)
+    assert {"feature_squeezing", "mahalanobis", "mahalanobis_layers", "fisher_input_trace"} <= set(scores)
     assert (out / "roc-fgsm_0.2.png").stat().st_size > 1000

@@ -29,8 +29,8 @@ def test_shipped_mnist_bundle(mnist: Bundle, digits) -> None:  # type: ignore[no
         assert (mnist.model(x).argmax(1) == y).float().mean() >= 0.9
     cal = mnist.calibration
     assert cal is not None and cal.weights_sha256 == mnist.weights_sha256
-    assert cal.n > 2450 and set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis"}
-    assert cal.data["correct"] > 4900 and mnist.mahalanobis is not None
+    assert cal.n > 2450 and set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis", "mahalanobis_layers"}
+    assert cal.data["correct"] > 4900 and mnist.mahalanobis is not None and list(mnist.mahalanobis.layers) == ["3", "7", "8", "penultimate"]
     assert "calibration half" in cal.data["description"]
 
 

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.baselines import Mahalanobis
 from service.bundle import Bundle, BundleError, load_bundle
 from service.cli import main
 from service.settings import Settings
@@ -69,7 +70,8 @@ def test_calibrate_a_combined_decision_and_serve_it(tmp_path: Path, small_npz: P
     assert d["statistic"] == "combined" and len(d["values"]) == 8
     assert sorted(d["reference"]) == ["feature_squeezing", "fisher_input_trace", "mahalanobis"]
     bundle = load_bundle(dst)
-    assert bundle.mahalanobis is not None and {"feature_squeezing", "mahalanobis"} <= set(bundle.scores)
+    assert bundle.mahalanobis is not None and {"feature_squeezing", "mahalanobis", "mahalanobis_layers"} <= set(bundle.scores)
+    assert list(bundle.mahalanobis.layers) == ["3", "7", "8", "penultimate"]  # the end of each stage (28, 14 and 7 px)
     with TestClient(create_app(Settings(device="cpu"), bundle=bundle)) as client:
         r = client.post("/v1/detect?scores=margin", content=(FIXTURES / "digit.png").read_bytes(), headers={"content-type": "image/png"})
         assert client.get("/v1/model/calibration/mahalanobis").json()["direction"] == "high"
@@ -97,7 +99,11 @@ def test_calibrate_scores_changes_the_decision_without_rescoring(
     dst = tmp_path / "b"
     shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     args = ["calibrate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--alpha", "0.2"]
-    assert main([*args, "--fit-mahalanobis", "64", "--statistic", "fisher_input_trace", "--tail", "two-sided"]) == 0
+    assert (
+        main([*args, "--fit-mahalanobis", "64", "--mahalanobis-layers", "7", "--statistic", "fisher_input_trace", "--tail", "two-sided"])
+        == 0
+    )
+    assert list(Mahalanobis.load(dst / "mahalanobis.safetensors")[0].layers) == ["7", "penultimate"]
     run = ["evaluate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--attacks", "noise:0.1", "--limit", "2"]
     assert main([*run, "--out", str(tmp_path / "e")]) == 0
     parts = ["--statistic", "combined", "--components", "fisher_input_trace:two-sided,mahalanobis:one-sided"]

@@ -1,0 +1,33 @@
+"""bench/decision.py's selection rule: decisions that flag the controls are ranked after those that do not."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import decision
+
+
+def test_a_decision_that_flags_noise_is_not_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`margin` catches both attacks and the noise control; `feature_squeezing` catches fewer attacks and no
+    noise: the rule chooses feature squeezing although its mean TPR is lower."""
+    rng = np.random.default_rng(0)
+    n, m = 4000, 400
+    clean = {"margin": rng.normal(0, 1, n), "feature_squeezing": rng.normal(0, 1, n)}
+    attacks = {  # margin: smaller = more unusual; feature squeezing: larger = more unusual
+        "pgd": {"margin": rng.normal(-4, 1, m), "feature_squeezing": rng.normal(2.5, 1, m)},
+        "noise:0.1": {"margin": rng.normal(-4, 1, m), "feature_squeezing": rng.normal(0, 1, m)},
+    }
+    flat = {f"clean/{k}": v for k, v in clean.items()} | {f"{a}/{k}": v for a, s in attacks.items() for k, v in s.items()}
+    np.savez(tmp_path / "scores.npz", **flat)  # type: ignore[arg-type]
+    monkeypatch.setattr(sys, "argv", ["decision", "--scores", str(tmp_path / "scores.npz"), "--out", str(tmp_path / "out")])
+    decision.main()
+    rows = json.loads((tmp_path / "out" / "decision.json").read_text())["rows"]
+    by_name = {" + ".join(r["components"]): r for r in rows}
+    assert by_name["margin:one-sided"]["mean_tpr@0.05"] > 0.95 and not by_name["margin:one-sided"]["admissible"]
+    assert by_name["margin:one-sided"]["worst_control@0.05"] > 0.9
+    assert rows[0]["components"] == ["feature_squeezing:one-sided"] and rows[0]["admissible"]
+    assert 0.6 < rows[0]["mean_tpr@0.05"] < 0.95 and rows[0]["worst_control@0.05"] < 0.065
+    assert all(not r["admissible"] for r in rows[rows.index(by_name["margin:one-sided"]) :])
