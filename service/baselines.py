@@ -3,7 +3,8 @@
 - Mahalanobis (Lee et al. 2018): class-conditional Gaussians with a tied covariance on the
   penultimate features, fitted on clean training images; score = min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c).
 - Multi-layer Mahalanobis (Lee et al.'s feature ensemble, with clean-data weights): the same distance
-  d_l on the channel means of several hidden layers' outputs and on the penultimate features, each
+  d_l on the channel means of hidden layers' outputs (by default the end of every stage but the
+  first) and on the penultimate features, each
   divided by its median on the training images it was fitted on, summed: Σ_l d_l(x) / median_train d_l.
   (Lee et al. weight the layers by a logistic regression on adversarial examples; we use no attack.)
 - Feature squeezing (Xu et al. 2018): max over squeezers of ‖p(x) − p(squeeze(x))‖₁, with bit-depth
@@ -124,8 +125,10 @@ class Mahalanobis:
 
     @classmethod
     def fit(cls, model: nn.Module, x: Tensor, y: Tensor, batch: int = 500, taps: Sequence[str] | None = None) -> "Mahalanobis":
-        """Fits on clean training images x (N, C, H, W), y (N,); taps default to stage_outputs(model, x)."""
-        taps = stage_outputs(model, x) if taps is None else list(taps)
+        """Fits on clean training images x (N, C, H, W), y (N,). taps default to every stage output but
+        the first: the first stage's statistics move with any pixel-level change (on both shipped
+        bundles it flags uniform noise of an attack's size at 100%, `python -m bench.layers`)."""
+        taps = stage_outputs(model, x)[1:] if taps is None else list(taps)
         parts = [features(model, x[i : i + batch], taps) for i in range(0, len(x), batch)]
         f = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # name -> (N, F_l)
         fits = {k: Gaussians.fit(v, y) for k, v in f.items()}

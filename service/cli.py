@@ -203,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
         "--mahalanobis-layers",
         metavar="NAMES",
         help="with --fit-mahalanobis: comma list of module names (model.named_modules()) whose outputs the multi-layer "
-        "score uses (default: the end of each stage, service.baselines.stage_outputs)",
+        "score uses (default: the end of every stage but the first, service.baselines.stage_outputs)",
     )
     c.add_argument("--train-data", type=Path, help="npz with the training split for --fit-mahalanobis (default: --data)")
     c.add_argument(

@@ -1,12 +1,14 @@
 """Attacks, controls, baselines and the evaluation harness, on the shipped MNIST model and fixtures."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from bench import redecide
 from service import adaptive, attacks
 from service.baselines import Mahalanobis, feature_squeezing
 from service.bundle import Bundle
@@ -224,3 +226,14 @@ def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
     scores = rep["attacks"]["fgsm:0.2"]["scores"]
     assert {"feature_squeezing", "mahalanobis", "mahalanobis_layers", "fisher_input_trace"} <= set(scores)
     assert (out / "roc-fgsm_0.2.png").stat().st_size > 1000
+    # bench/redecide.py recomputes the decision rows from scores.npz: with the run's own decision, the same numbers
+    argv = ["redecide", "--model", "mnist-fisherreg", "--report", str(out), "--out", str(tmp_path / "re")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", argv)
+        redecide.main()
+    again = json.loads((tmp_path / "re" / "redecided.json").read_text())
+    assert again["clean_fpr"] == rep["clean"]["decision_fpr"]
+    for name, row in again["attacks"].items():
+        assert {k: row[k] for k in ("tpr@0.05", "tpr@0.01", "auc")} == {
+            k: rep["attacks"][name]["decision"][k] for k in ("tpr@0.05", "tpr@0.01", "auc")
+        }

@@ -30,7 +30,7 @@ def test_shipped_mnist_bundle(mnist: Bundle, digits) -> None:  # type: ignore[no
     cal = mnist.calibration
     assert cal is not None and cal.weights_sha256 == mnist.weights_sha256
     assert cal.n > 2450 and set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis", "mahalanobis_layers"}
-    assert cal.data["correct"] > 4900 and mnist.mahalanobis is not None and list(mnist.mahalanobis.layers) == ["3", "7", "8", "penultimate"]
+    assert cal.data["correct"] > 4900 and mnist.mahalanobis is not None and list(mnist.mahalanobis.layers) == ["7", "8", "penultimate"]
     assert "calibration half" in cal.data["description"]
 
 
@@ -42,7 +42,7 @@ def test_shipped_cifar10_bundle() -> None:
     assert b.card["architecture"] == "models.cifar10.model:build_air" and b.card["test_accuracy"] >= 0.90
     cal = b.calibration
     assert cal is not None and cal.weights_sha256 == b.weights_sha256 and cal.data["correct"] > 4300 and cal.n > 2150
-    assert cal.decision_scores == ("fisher_input_trace", "margin", "feature_squeezing") and b.mahalanobis is not None
+    assert cal.decision_scores == ("margin", "feature_squeezing") and b.mahalanobis is not None
     assert set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis"}
     with torch.no_grad():
         assert b.model(torch.rand(2, 3, 32, 32)).shape == (2, 10)

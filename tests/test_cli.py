@@ -71,7 +71,7 @@ def test_calibrate_a_combined_decision_and_serve_it(tmp_path: Path, small_npz: P
     assert sorted(d["reference"]) == ["feature_squeezing", "fisher_input_trace", "mahalanobis"]
     bundle = load_bundle(dst)
     assert bundle.mahalanobis is not None and {"feature_squeezing", "mahalanobis", "mahalanobis_layers"} <= set(bundle.scores)
-    assert list(bundle.mahalanobis.layers) == ["3", "7", "8", "penultimate"]  # the end of each stage (28, 14 and 7 px)
+    assert list(bundle.mahalanobis.layers) == ["7", "8", "penultimate"]  # the end of each stage after the first (14 and 7 px)
     with TestClient(create_app(Settings(device="cpu"), bundle=bundle)) as client:
         r = client.post("/v1/detect?scores=margin", content=(FIXTURES / "digit.png").read_bytes(), headers={"content-type": "image/png"})
         assert client.get("/v1/model/calibration/mahalanobis").json()["direction"] == "high"

@@ -72,7 +72,7 @@ def test_upload_and_gallery_in_a_real_browser(mnist: Bundle) -> None:
         expect(page.locator("#hist-caption")).to_contain_text("log10 fisher_input_trace on 4974 clean calibration images")
         page.locator("#gallery button").nth(3).click()  # the PGD version of that digit
         expect(page.locator("#sentence")).to_contain_text(
-            "Flagged: the most unusual of its fisher_input_trace (two-sided), feature_squeezing (one-sided), mahalanobis (one-sided) p-values"
+            "Flagged: the most unusual of its feature_squeezing (one-sided), mahalanobis (one-sided), mahalanobis_layers (one-sided) p-values"
         )
         assert page.evaluate(PAINTED, "canvas") > 1000
         assert page.evaluate(PAINTED, "hist") > 300
