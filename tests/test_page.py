@@ -69,7 +69,7 @@ def test_upload_and_gallery_in_a_real_browser(mnist: Bundle) -> None:
         expect(page.locator("#sentence")).to_contain_text("Not flagged")
         expect(page.locator("#sentence")).to_contain_text("Predicted 3")
         expect(page.locator("#sentence")).to_contain_text("gives a combined p-value of")
-        expect(page.locator("#hist-caption")).to_contain_text("log10 fisher_input_trace on 4974 clean calibration images")
+        expect(page.locator("#hist-caption")).to_contain_text("feature_squeezing on 4974 clean calibration images")
         page.locator("#gallery button").nth(3).click()  # the PGD version of that digit
         expect(page.locator("#sentence")).to_contain_text(
             "Flagged: the most unusual of its feature_squeezing (one-sided), mahalanobis (one-sided), mahalanobis_layers (one-sided) p-values"
