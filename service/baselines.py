@@ -36,13 +36,13 @@ def _last_linear(model: nn.Module) -> nn.Linear:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
+PENULTIMATE = "penultimate"  # the name features() gives the input of the last nn.Linear
+
+
 def penultimate(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
     """The input of the model's last nn.Linear: the penultimate features. -> (N, F).
     grad=True keeps them differentiable in x (for an adaptive attacker)."""
     return features(model, x, (), grad)[PENULTIMATE]
-
-
-PENULTIMATE = "penultimate"  # the name features() gives the input of the last nn.Linear
 
 
 def features(model: nn.Module, x: Tensor, taps: Sequence[str], grad: bool = False) -> dict[str, Tensor]:
@@ -127,8 +127,11 @@ class Mahalanobis:
     def fit(cls, model: nn.Module, x: Tensor, y: Tensor, batch: int = 500, taps: Sequence[str] | None = None) -> "Mahalanobis":
         """Fits on clean training images x (N, C, H, W), y (N,). taps default to every stage output but
         the first: the first stage's statistics move with any pixel-level change (on both shipped
-        bundles it flags uniform noise of an attack's size at 100%, `python -m bench.layers`)."""
+        bundles it flags uniform noise of an attack's size at 100%, bench/results/layers-*)."""
         taps = stage_outputs(model, x)[1:] if taps is None else list(taps)
+        unknown = [t for t in taps if t not in dict(model.named_modules()) or not t]
+        if unknown:
+            raise ValueError(f"no modules named {unknown} in this model (names as in model.named_modules())")
         parts = [features(model, x[i : i + batch], taps) for i in range(0, len(x), batch)]
         f = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # name -> (N, F_l)
         fits = {k: Gaussians.fit(v, y) for k, v in f.items()}

@@ -101,3 +101,5 @@ def test_explicit_taps_are_kept() -> None:
     gen = torch.Generator().manual_seed(3)
     fit = Mahalanobis.fit(model, torch.rand(30, *shape, generator=gen), torch.randint(0, 3, (30,), generator=gen), taps=["5"])
     assert list(fit.layers) == ["5", PENULTIMATE] and fit.layers["5"][0].means.shape == (3, 6)
+    with pytest.raises(ValueError, match=r"no modules named \['nope'\]"):
+        Mahalanobis.fit(model, torch.rand(4, *shape), torch.zeros(4, dtype=torch.long), taps=["5", "nope"])
