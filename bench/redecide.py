@@ -48,7 +48,7 @@ def main() -> None:
         p = cal.decision_p_value(adv)
         rows[name] = {
             "control": old["control"],
-            "adaptive_to_the_run's_decision": name.startswith("adaptive"),
+            "aimed_at_the_runs_decision": name.startswith("adaptive"),
             "success_rate": old["success_rate"],
             "n_successful": old["n_successful"],
             "median_l2": old["median_l2"],
@@ -72,9 +72,7 @@ def main() -> None:
     for name, r in rows.items():
         prev = r["previous"]
         label = (
-            name
-            + (" (control)" if r["control"] else "")
-            + (" (aimed at the run's decision)" if r["adaptive_to_the_run's_decision"] else "")
+            name + (" (control)" if r["control"] else "") + (" (aimed at the run's decision)" if r["aimed_at_the_runs_decision"] else "")
         )
         lines.append(
             f"| {label} | {r['success_rate']:.3f} | {r['auc']:.3f} ({prev['auc']:.3f}) | {r['tpr@0.05']:.3f} ({prev['tpr@0.05']:.3f}) "

@@ -143,15 +143,23 @@ class Mahalanobis:
         """min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c) of penultimate features f (N, F), float64 -> (N,)."""
         return Gaussians(self.means, self.precision).distance(f)
 
+    def scores(self, model: nn.Module, x: Tensor, names: Sequence[str], grad: bool = False) -> dict[str, Tensor]:
+        """`mahalanobis` and/or `mahalanobis_layers` (Σ_l d_l(x) / median_train d_l) from one forward
+        pass, float64 (N,) each."""
+        layered = "mahalanobis_layers" in names
+        if layered and not self.layers:
+            raise ValueError("this Mahalanobis fit has no hidden layers: refit with `fisherguard calibrate --fit-mahalanobis N`")
+        f = features(model, x, [k for k in self.layers if k != PENULTIMATE] if layered else [], grad)
+        out = {"mahalanobis": self.distance(f[PENULTIMATE])} if "mahalanobis" in names else {}
+        if layered:
+            out["mahalanobis_layers"] = torch.stack([g.distance(f[k]) / scale for k, (g, scale) in self.layers.items()]).sum(0)
+        return out
+
     def score(self, model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
-        return self.distance(penultimate(model, x, grad))
+        return self.scores(model, x, ["mahalanobis"], grad)["mahalanobis"]
 
     def layers_score(self, model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
-        """Σ_l d_l(x) / median_train d_l over the fitted layers, float64 -> (N,)."""
-        if not self.layers:
-            raise ValueError("this Mahalanobis fit has no hidden layers: refit with `fisherguard calibrate --fit-mahalanobis N`")
-        f = features(model, x, [k for k in self.layers if k != PENULTIMATE], grad)
-        return torch.stack([g.distance(f[k]) / scale for k, (g, scale) in self.layers.items()]).sum(0)
+        return self.scores(model, x, ["mahalanobis_layers"], grad)["mahalanobis_layers"]
 
     def save(self, path: Path, weights_sha256: str) -> None:
         """safetensors, tied to the model weights it was fitted for; hidden layers under layer/<name>/
@@ -217,12 +225,9 @@ def baseline_scores(model: nn.Module, x: Tensor, names: Sequence[str], mahalanob
     out: dict[str, Tensor] = {}
     if "feature_squeezing" in names:
         out["feature_squeezing"] = feature_squeezing(model, x)
-    if "mahalanobis" in names:
+    wanted = [n for n in ("mahalanobis", "mahalanobis_layers") if n in names]
+    if wanted:
         if mahalanobis is None:
             raise ValueError("this bundle has no mahalanobis.safetensors: fit one with `fisherguard calibrate --fit-mahalanobis N`")
-        out["mahalanobis"] = mahalanobis.score(model, x)
-    if "mahalanobis_layers" in names:
-        if mahalanobis is None:
-            raise ValueError("this bundle has no mahalanobis.safetensors: fit one with `fisherguard calibrate --fit-mahalanobis N`")
-        out["mahalanobis_layers"] = mahalanobis.layers_score(model, x)
+        out |= mahalanobis.scores(model, x, wanted)  # one forward pass for both
     return out

@@ -103,3 +103,17 @@ def test_explicit_taps_are_kept() -> None:
     assert list(fit.layers) == ["5", PENULTIMATE] and fit.layers["5"][0].means.shape == (3, 6)
     with pytest.raises(ValueError, match=r"no modules named \['nope'\]"):
         Mahalanobis.fit(model, torch.rand(4, *shape), torch.zeros(4, dtype=torch.long), taps=["5", "nope"])
+
+
+def test_both_mahalanobis_scores_take_one_forward_pass() -> None:
+    """The shipped MNIST decision reads both scores on the request path: one forward pass serves both."""
+    model, shape = small_models.make("bncnn")
+    gen = torch.Generator().manual_seed(4)
+    fit = Mahalanobis.fit(model, torch.rand(30, *shape, generator=gen), torch.randint(0, 3, (30,), generator=gen))
+    x = torch.rand(5, *shape, generator=gen)
+    calls: list[int] = []
+    hook = model.register_forward_hook(lambda m, a, o: calls.append(1))
+    both = baseline_scores(model, x, ["mahalanobis", "mahalanobis_layers"], fit)
+    hook.remove()
+    assert len(calls) == 1
+    assert torch.equal(both["mahalanobis"], fit.score(model, x)) and torch.equal(both["mahalanobis_layers"], fit.layers_score(model, x))
