@@ -5,8 +5,9 @@ splits the clean calibration-half images at random into a fitting part and a hel
 every candidate decision on the fitting part (single scores one- or two-sided, and calibrated
 combinations — the smallest of several p-values, `service.calibration.Combination`), and measures
 on the held-out clean images (FPR) and on each attack (TPR, AUC). The rule: among the decisions that
-flag no control (uniform noise, JPEG) more than α + 0.015, the highest mean TPR at α = 0.05 over the
-attacks, then the highest worst-case TPR:
+flag no control (uniform noise, JPEG) more than α + 0.015 at α = 0.05 or 0.01, the highest mean TPR over
+the attacks and both α — the issue's goal is set at 0.05, the service flags at 0.01 by default, so a
+decision must hold at both — then the highest worst-case TPR at α = 0.05:
 
     python -m bench.decision --scores /tmp/select-mnist/scores.npz --out bench/results/decision-mnist
 """
@@ -37,6 +38,7 @@ CANDIDATES = [
     Component("mahalanobis_layers", "one-sided"),
 ]
 CONTROLS = ("noise", "jpeg")  # clean images changed in ways that are not attacks
+ALPHAS = (0.05, 0.01)  # the issue's goal and the service's default
 CONTROL_SLACK = 0.015  # a decision is admissible when every control is flagged at most α + this (issue 5's FPR tolerance)
 
 
@@ -74,11 +76,13 @@ def measure(
             "auc": roc_auc(-m_clean, -m_adv),
         }
     real = [a for n, a in row["attacks"].items() if not n.startswith(CONTROLS)]
-    controls = [a["tpr@0.05"] for n, a in row["attacks"].items() if n.startswith(CONTROLS)]
-    row["worst_control@0.05"] = max(controls, default=0.0)
-    row["admissible"] = row["worst_control@0.05"] <= 0.05 + CONTROL_SLACK
+    controls = [a for n, a in row["attacks"].items() if n.startswith(CONTROLS)]
+    for alpha in ALPHAS:
+        row[f"worst_control@{alpha}"] = max((c[f"tpr@{alpha}"] for c in controls), default=0.0)
+        row[f"mean_tpr@{alpha}"] = float(np.mean([a[f"tpr@{alpha}"] for a in real]))
+    row["admissible"] = all(row[f"worst_control@{alpha}"] <= alpha + CONTROL_SLACK for alpha in ALPHAS)
+    row["mean_tpr"] = float(np.mean([row[f"mean_tpr@{alpha}"] for alpha in ALPHAS]))
     row["worst_tpr@0.05"] = min(a["tpr@0.05"] for a in real)
-    row["mean_tpr@0.05"] = float(np.mean([a["tpr@0.05"] for a in real]))
     row["worst_auc"] = min(a["auc"] for a in real)
     return row
 
@@ -92,7 +96,7 @@ def main() -> None:
     a = ap.parse_args()
     clean, attacks = load(a.scores)
     present = [c for c in CANDIDATES if c.score in clean and all(c.score in v for v in attacks.values())]
-    perm = np.random.default_rng(7).permutation(len(clean["margin"]))
+    perm = np.random.default_rng(7).permutation(len(next(iter(clean.values()))))
     half = len(perm) // 2
     fit = {k: v[perm[:half]] for k, v in clean.items()}
     held = {k: v[perm[half:]] for k, v in clean.items()}
@@ -102,22 +106,26 @@ def main() -> None:
             if len({c.score for c in combo}) < r:
                 continue  # one tail per score
             rows.append(measure(combo, fit, held, attacks))
-    rows.sort(key=lambda row: (not row["admissible"], -row["mean_tpr@0.05"], -row["worst_tpr@0.05"]))
+    rows.sort(key=lambda row: (not row["admissible"], -row["mean_tpr"], -row["worst_tpr@0.05"]))
     names = list(rows[0]["attacks"])
     lines = [
         f"# Decision candidates on the calibration half ({a.scores})",
         "",
         f"Fitted on {half} clean calibration-half images, measured on the other {len(perm) - half} and on the attacks. "
-        f"TPR at α = 0.05 per attack. Decisions that flag a control (noise, JPEG) more often than α + {CONTROL_SLACK} "
-        "are inadmissible and listed last; within each group sorted by mean TPR over the non-control attacks, then worst TPR.",
+        f"TPR at α = 0.05 / 0.01 per attack. Decisions that flag a control (noise, JPEG) more often than α + {CONTROL_SLACK} "
+        "at either α are inadmissible and listed last; within each group sorted by the mean TPR over the non-control "
+        "attacks and both α, then the worst TPR at 0.05.",
         "",
-        "| decision | admissible | clean FPR@0.05 | mean TPR | worst TPR | worst AUC | " + " | ".join(names) + " |",
-        "|" + "---|" * (6 + len(names)),
+        "| decision | admissible | clean FPR | mean TPR | mean TPR@0.05 | mean TPR@0.01 | worst TPR@0.05 | worst AUC | "
+        + " | ".join(names)
+        + " |",
+        "|" + "---|" * (8 + len(names)),
     ]
     for row in rows[: a.top]:
-        cells = " | ".join(f"{row['attacks'][n]['tpr@0.05']:.3f}" for n in names)
+        cells = " | ".join(f"{row['attacks'][n]['tpr@0.05']:.3f} / {row['attacks'][n]['tpr@0.01']:.3f}" for n in names)
         lines.append(
-            f"| {' + '.join(row['components'])} | {'yes' if row['admissible'] else 'no'} | {row['fpr@0.05']:.3f} | {row['mean_tpr@0.05']:.3f} | {row['worst_tpr@0.05']:.3f} "
+            f"| {' + '.join(row['components'])} | {'yes' if row['admissible'] else 'no'} | {row['fpr@0.05']:.3f} / {row['fpr@0.01']:.3f} "
+            f"| {row['mean_tpr']:.3f} | {row['mean_tpr@0.05']:.3f} | {row['mean_tpr@0.01']:.3f} | {row['worst_tpr@0.05']:.3f} "
             f"| {row['worst_auc']:.3f} | {cells} |"
         )
     a.out.mkdir(parents=True, exist_ok=True)

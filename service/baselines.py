@@ -119,9 +119,8 @@ class Mahalanobis:
     """The penultimate fit (score `mahalanobis`) and, when fitted with hidden layers, the multi-layer
     ensemble (score `mahalanobis_layers`): layers[name] = (Gaussians, median training distance)."""
 
-    means: Tensor  # (K, F) penultimate
-    precision: Tensor  # (F, F)
-    layers: dict[str, tuple[Gaussians, float]] = field(default_factory=dict)  # hidden taps and PENULTIMATE
+    penultimate: Gaussians
+    layers: dict[str, tuple[Gaussians, float]] = field(default_factory=dict)  # hidden taps and PENULTIMATE (the same Gaussians)
 
     @classmethod
     def fit(cls, model: nn.Module, x: Tensor, y: Tensor, batch: int = 500, taps: Sequence[str] | None = None) -> "Mahalanobis":
@@ -135,13 +134,8 @@ class Mahalanobis:
         parts = [features(model, x[i : i + batch], taps) for i in range(0, len(x), batch)]
         f = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # name -> (N, F_l)
         fits = {k: Gaussians.fit(v, y) for k, v in f.items()}
-        pen = fits[PENULTIMATE]
         layers = {k: (g, float(g.distance(f[k]).median())) for k, g in fits.items()} if taps else {}
-        return cls(pen.means, pen.precision, layers)
-
-    def distance(self, f: Tensor) -> Tensor:
-        """min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c) of penultimate features f (N, F), float64 -> (N,)."""
-        return Gaussians(self.means, self.precision).distance(f)
+        return cls(fits[PENULTIMATE], layers)
 
     def scores(self, model: nn.Module, x: Tensor, names: Sequence[str], grad: bool = False) -> dict[str, Tensor]:
         """`mahalanobis` and/or `mahalanobis_layers` (Σ_l d_l(x) / median_train d_l) from one forward
@@ -150,7 +144,7 @@ class Mahalanobis:
         if layered and not self.layers:
             raise ValueError("this Mahalanobis fit has no hidden layers: refit with `fisherguard calibrate --fit-mahalanobis N`")
         f = features(model, x, [k for k in self.layers if k != PENULTIMATE] if layered else [], grad)
-        out = {"mahalanobis": self.distance(f[PENULTIMATE])} if "mahalanobis" in names else {}
+        out = {"mahalanobis": self.penultimate.distance(f[PENULTIMATE])} if "mahalanobis" in names else {}
         if layered:
             out["mahalanobis_layers"] = torch.stack([g.distance(f[k]) / scale for k, (g, scale) in self.layers.items()]).sum(0)
         return out
@@ -166,7 +160,7 @@ class Mahalanobis:
         (the penultimate layer's Gaussians are the top-level means/precision, stored once)."""
         from safetensors.torch import save_file
 
-        tensors = {"means": self.means.contiguous(), "precision": self.precision.contiguous()}
+        tensors = {"means": self.penultimate.means.contiguous(), "precision": self.penultimate.precision.contiguous()}
         for k, (g, scale) in self.layers.items():
             if k != PENULTIMATE:
                 tensors |= {f"layer/{k}/means": g.means.contiguous(), f"layer/{k}/precision": g.precision.contiguous()}
@@ -186,7 +180,7 @@ class Mahalanobis:
                 return pen if k == PENULTIMATE else Gaussians(f.get_tensor(f"layer/{k}/means"), f.get_tensor(f"layer/{k}/precision"))
 
             layers = {k: (gaussians(k), float(f.get_tensor(f"layer/{k}/scale"))) for k in json.loads(meta.get("layers", "[]"))}
-            return cls(pen.means, pen.precision, layers), meta.get("weights_sha256", "")
+            return cls(pen, layers), meta.get("weights_sha256", "")
 
 
 def _bit_depth(x: Tensor, bits: int) -> Tensor:

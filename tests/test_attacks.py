@@ -183,7 +183,7 @@ def test_controls_and_parse(mnist: Bundle, digits) -> None:  # type: ignore[no-u
 def test_baselines_separate_strong_attacks(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
     x, y = digits
     maha = Mahalanobis.fit(mnist.model, x, y)
-    assert maha.means.shape[0] == len(torch.unique(y))
+    assert maha.penultimate.means.shape[0] == len(torch.unique(y))
     adv = attacks.quantise(attacks.pgd_linf(mnist.model, x, y, 0.3))
     assert roc_auc(maha.score(mnist.model, x).numpy(), maha.score(mnist.model, adv).numpy()) > 0.8
     fs_clean, fs_adv = feature_squeezing(mnist.model, x).numpy(), feature_squeezing(mnist.model, adv).numpy()

@@ -85,7 +85,7 @@ def test_fit_file_round_trip_and_a_penultimate_only_file(tmp_path: Path) -> None
     assert available(back) == ("feature_squeezing", "mahalanobis", "mahalanobis_layers")
     # a file written before the multi-layer score: the penultimate fit only
     save_file(
-        {"means": fit.means.contiguous(), "precision": fit.precision.contiguous()},
+        {"means": fit.penultimate.means.contiguous(), "precision": fit.penultimate.precision.contiguous()},
         str(tmp_path / "old.safetensors"),
         {"weights_sha256": "cd" * 32},
     )

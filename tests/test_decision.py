@@ -29,5 +29,25 @@ def test_a_decision_that_flags_noise_is_not_chosen(tmp_path: Path, monkeypatch: 
     assert by_name["margin:one-sided"]["mean_tpr@0.05"] > 0.95 and not by_name["margin:one-sided"]["admissible"]
     assert by_name["margin:one-sided"]["worst_control@0.05"] > 0.9
     assert rows[0]["components"] == ["feature_squeezing:one-sided"] and rows[0]["admissible"]
-    assert 0.6 < rows[0]["mean_tpr@0.05"] < 0.95 and rows[0]["worst_control@0.05"] < 0.065
+    assert 0.6 < rows[0]["mean_tpr@0.05"] < 0.95 and rows[0]["worst_control@0.05"] < 0.065 and rows[0]["worst_control@0.01"] < 0.025
     assert all(not r["admissible"] for r in rows[rows.index(by_name["margin:one-sided"]) :])
+
+
+def test_a_decision_that_holds_only_at_alpha_005_is_not_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mahalanobis` puts every attacked image between the clean 95% and 99% quantiles (TPR 1 at α = 0.05,
+    0 at 0.01); `feature_squeezing` catches fewer at 0.05 and many more at 0.01: the rule weighs both α."""
+    rng = np.random.default_rng(1)
+    n, m = 4000, 400
+    clean = {"mahalanobis": rng.normal(0, 1, n), "feature_squeezing": rng.normal(0, 1, n)}
+    attacks = {"cw": {"mahalanobis": rng.uniform(1.8, 2.2, m), "feature_squeezing": rng.normal(2.8, 1, m)}}
+    flat = {f"clean/{k}": v for k, v in clean.items()} | {f"{a}/{k}": v for a, s in attacks.items() for k, v in s.items()}
+    np.savez(tmp_path / "scores.npz", **flat)  # type: ignore[arg-type]
+    monkeypatch.setattr(sys, "argv", ["decision", "--scores", str(tmp_path / "scores.npz"), "--out", str(tmp_path / "out")])
+    decision.main()
+    rows = json.loads((tmp_path / "out" / "decision.json").read_text())["rows"]
+    by_name = {" + ".join(r["components"]): r for r in rows}
+    maha, fs = by_name["mahalanobis:one-sided"], by_name["feature_squeezing:one-sided"]
+    assert maha["mean_tpr@0.05"] > 0.95 > fs["mean_tpr@0.05"] > 0.8
+    assert maha["mean_tpr@0.01"] < 0.05 and fs["mean_tpr@0.01"] > 0.5
+    assert rows.index(fs) < rows.index(maha)
+    assert rows[0]["mean_tpr"] == max(r["mean_tpr"] for r in rows if r["admissible"])
