@@ -66,10 +66,13 @@ class Combination:
     reference: dict[str, np.ndarray]  # score -> sorted values of part A
     values: np.ndarray  # sorted min-p of the part-B images
 
+    def component_p_values(self, t: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """p_j(x) against part A, one per component. t: score -> thresholded values (any common shape)."""
+        return [tail_p_value(self.reference[c.score], np.asarray(t[c.score]), KNOWN[c.score].direction, c.tail) for c in self.components]
+
     def min_p(self, t: Mapping[str, np.ndarray]) -> np.ndarray:
-        """m(x) = min_j p_j(x) against part A. t: score -> thresholded values (any common shape)."""
-        ps = [tail_p_value(self.reference[c.score], np.asarray(t[c.score]), KNOWN[c.score].direction, c.tail) for c in self.components]
-        return np.minimum.reduce(ps)
+        """m(x) = min_j p_j(x) against part A."""
+        return np.minimum.reduce(self.component_p_values(t))
 
     def p_value(self, t: Mapping[str, np.ndarray]) -> np.ndarray:
         return conformal_p_value(self.values, self.min_p(t), "low")

@@ -82,7 +82,7 @@ def test_ossa_steps_along_the_top_eigenvector(mnist: Bundle, digits) -> None:  #
 
 
 def test_adaptive_attack_evades_the_whole_combined_decision(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
-    """mnist's decision combines feature squeezing, Mahalanobis and multi-layer Mahalanobis: the adaptive
+    """mnist's decision combines the margin (two-sided), feature squeezing and multi-layer Mahalanobis: the adaptive
     attack (asking for a logit margin of 10), holding all three inside their clean range, leaves
     adversarial digits with p-values over ten times those of plain PGD at the same budget, less often
     flagged, and still misclassified."""

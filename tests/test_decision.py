@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bench import decision
+from service.calibration import Combination, Component
 
 
 def test_a_decision_that_flags_noise_is_not_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,3 +52,19 @@ def test_a_decision_that_holds_only_at_alpha_005_is_not_chosen(tmp_path: Path, m
     assert maha["mean_tpr@0.01"] < 0.05 and fs["mean_tpr@0.01"] > 0.5
     assert rows.index(fs) < rows.index(maha)
     assert rows[0]["mean_tpr"] == max(r["mean_tpr"] for r in rows if r["admissible"])
+
+
+def test_the_product_combination_is_calibrated_like_the_minimum() -> None:
+    """`--combine product` (Fisher's method) ranks by Π_j p_j and is calibrated on part B like the served minimum:
+    its p-values on fresh clean images are valid (P(p ≤ α) ≈ α), and an image that two components both find
+    moderately unusual ranks as more unusual than under the minimum."""
+    rng = np.random.default_rng(2)
+    clean = {"margin": rng.normal(0, 1, 4000), "feature_squeezing": rng.normal(0, 1, 4000)}
+    components = (Component("margin", "one-sided"), Component("feature_squeezing", "one-sided"))
+    product, minimum = decision.Product.fit(components, clean), Combination.fit(components, clean)
+    both = {"margin": np.array([-2.0]), "feature_squeezing": np.array([2.0])}  # each p ≈ 0.023
+    ps = product.component_p_values(both)
+    assert product.min_p(both) == pytest.approx(ps[0] * ps[1]) and minimum.min_p(both) == pytest.approx(min(ps))
+    assert product.p_value(both)[0] < minimum.p_value(both)[0]
+    fresh = {"margin": rng.normal(0, 1, 20000), "feature_squeezing": rng.normal(0, 1, 20000)}
+    assert abs((product.p_value(fresh) <= 0.05).mean() - 0.05) < 0.01

@@ -69,17 +69,17 @@ def test_upload_and_gallery_in_a_real_browser(mnist: Bundle) -> None:
         expect(page.locator("#sentence")).to_contain_text("Not flagged")
         expect(page.locator("#sentence")).to_contain_text("Predicted 3")
         expect(page.locator("#sentence")).to_contain_text("gives a combined p-value of")
-        expect(page.locator("#hist-caption")).to_contain_text("feature_squeezing on 4974 clean calibration images")
+        expect(page.locator("#hist-caption")).to_contain_text("margin on 4974 clean calibration images")
         page.locator("#gallery button").nth(3).click()  # the PGD version of that digit
         expect(page.locator("#sentence")).to_contain_text(
-            "Flagged: the most unusual of its feature_squeezing (one-sided), mahalanobis (one-sided), mahalanobis_layers (one-sided) p-values"
+            "Flagged: the most unusual of its margin (two-sided), feature_squeezing (one-sided), mahalanobis_layers (one-sided) p-values"
         )
         assert page.evaluate(PAINTED, "canvas") > 1000
         assert page.evaluate(PAINTED, "hist") > 300
         r, g, b = page.evaluate(MARKER_RED)
         assert r > 150 and g < 80 and b < 80  # the image's marker on the histogram
-        page.get_by_role("button", name="show the calibration distribution of margin").click()
-        expect(page.locator("#hist-caption")).to_contain_text("margin on 4974 clean calibration images")
+        page.get_by_role("button", name="show the calibration distribution of entropy").click()
+        expect(page.locator("#hist-caption")).to_contain_text("entropy on 4974 clean calibration images")
         page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
         page.set_input_files("#file", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"})
         expect(page.locator("#error")).to_contain_text("That is not an image this server can read. (unsupported_media_type:")
