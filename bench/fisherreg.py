@@ -20,7 +20,7 @@ from service import attacks
 from service.bundle import load_bundle
 from service.calibration import tail_p_value
 from service.data import load_dataset, load_train_subset
-from service.evaluate import bootstrap_auc, roc_auc
+from service.evaluate import bootstrap_auc, predict, roc_auc
 from service.scoring import score_batches
 
 SCORES = ("fisher_input_trace", "fisher_input_eig")
@@ -29,11 +29,6 @@ SCORES = ("fisher_input_trace", "fisher_input_eig")
 def two_sided_p(cal: np.ndarray, t: np.ndarray) -> np.ndarray:
     """The tr G_x two-sided decision p-value (its direction is irrelevant when two-sided)."""
     return tail_p_value(cal, t, "high", "two-sided")
-
-
-def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
 
 
 def measure(spec: str, data: Path, eps_list: list[float], limit: int, alphas: tuple[float, ...]) -> dict[str, Any]:

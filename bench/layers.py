@@ -21,7 +21,7 @@ from service import attacks
 from service.baselines import PENULTIMATE, Mahalanobis, features, stage_outputs
 from service.bundle import load_bundle
 from service.data import load_dataset, load_train_subset
-from service.evaluate import parse_attack, roc_auc
+from service.evaluate import parse_attack, predict, roc_auc
 
 
 def distances(fit: Mahalanobis, model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> dict[str, np.ndarray]:
@@ -43,8 +43,7 @@ def main() -> None:
     bundle = load_bundle(a.model)
     model = bundle.model.eval()
     data = load_dataset(a.data, "calibration", bundle.classes, bundle.input_shape)
-    with torch.no_grad():
-        ok = torch.cat([model(data.x[i : i + 500]).argmax(1) for i in range(0, len(data.x), 500)]) == data.y
+    ok = predict(model, data.x) == data.y
     x, y = data.x[ok], data.y[ok]
     fit = Mahalanobis.fit(model, *load_train_subset(a.data, a.train_subset), taps=stage_outputs(model, x))
     clean = distances(fit, model, x)
@@ -55,8 +54,7 @@ def main() -> None:
     for spec in a.attacks.split(","):
         attack, t0 = parse_attack(spec, bundle), time.time()
         adv = attacks.quantise(torch.cat([attack.run(model, xa[i : i + 100], ya[i : i + 100]) for i in range(0, len(xa), 100)]))
-        with torch.no_grad():
-            hit = torch.ones(len(adv), dtype=torch.bool) if attack.control else model(adv).argmax(1) != ya
+        hit = torch.ones(len(adv), dtype=torch.bool) if attack.control else predict(model, adv) != ya
         d = distances(fit, model, adv[hit])
         rows[spec] = {
             "control": attack.control,

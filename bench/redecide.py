@@ -18,9 +18,7 @@ import numpy as np
 from bench.common import environment, write
 from service.bundle import load_bundle
 from service.calibrate import same_values
-from service.evaluate import roc_auc
-
-ALPHAS = (0.05, 0.01)
+from service.evaluate import ALPHAS, roc_auc
 
 
 def main() -> None:

@@ -131,6 +131,16 @@ def bootstrap_auc(clean: np.ndarray, adv: np.ndarray, reps: int = 200, seed: int
     return float(lo), float(hi)
 
 
+ALPHAS = (0.05, 0.01)  # the α a report measures TPR at: the issue's goal and the service's default
+
+
+def predict(model: nn.Module, x: Tensor, batch: int = 256) -> Tensor:
+    """Predicted classes of x (N, C, H, W) in batches on the model's device, without gradients. -> (N,) on CPU."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + batch].to(device)).argmax(1).cpu() for i in range(0, len(x), batch)])
+
+
 def _batched(fn: AttackFn, model: nn.Module, x: Tensor, y: Tensor, batch: int) -> Tensor:
     device = next(model.parameters()).device
     return torch.cat([fn(model, x[i : i + batch].to(device), y[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
@@ -171,7 +181,7 @@ def evaluate(
     data: Dataset,
     attack_list: Sequence[Attack],
     limit: int | None,
-    alphas: Sequence[float] = (0.05, 0.01),
+    alphas: Sequence[float] = ALPHAS,
     batch_size: int = 64,
     progress: bool = False,
     baselines: dict[str, Baseline] | None = None,
@@ -193,8 +203,7 @@ def evaluate(
     direction: dict[str, str] = {k: str(KNOWN[k].direction) for k in names} | {k: "high" for k in baselines}
     if baselines and baseline_calibration is not None:  # the baselines' own clean calibration, same half as the bundle's
         bx, by = baseline_calibration.x, baseline_calibration.y
-        with torch.no_grad():
-            keep = torch.cat([model(bx[i : i + 256]).argmax(1) for i in range(0, len(bx), 256)]) == by
+        keep = predict(model, bx) == by
         cal_values |= {k: np.sort(v) for k, v in _baseline_values(model, bx[keep], baselines, batch_size).items()}
     if limit is not None and limit < len(x):
         pick = np.sort(np.random.default_rng(1).choice(len(x), limit, replace=False))
@@ -217,12 +226,10 @@ def evaluate(
         "attacked_images": len(x),
         "attacks": {},
     }
-    device = next(model.parameters()).device
     for attack in attack_list:
         t0 = time.time()
         adv = attacks.quantise(_batched(attack.run, model, x, y, batch_size))
-        with torch.no_grad():
-            adv_pred = torch.cat([model(adv[i : i + 256].to(device)).argmax(1).cpu() for i in range(0, len(adv), 256)])
+        adv_pred = predict(model, adv)
         hit = torch.ones_like(y, dtype=torch.bool) if attack.control else adv_pred != y  # controls keep every image
         delta = (adv - x)[hit].flatten(1)
         adv_scores, _ = score_batches(model, adv[hit], names, cal.score_options, batch_size, progress, bundle.mahalanobis)
@@ -251,7 +258,7 @@ def _flags_by_class(p: np.ndarray, predicted: np.ndarray, alpha: float) -> dict[
     return {str(c): float((p[predicted == c] <= alpha).mean()) for c in np.unique(predicted)}
 
 
-def markdown(report: dict[str, Any], alphas: Sequence[float] = (0.05, 0.01)) -> str:
+def markdown(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> str:
     lines = [
         f"# Detection report: {report['bundle']['name']}",
         "",

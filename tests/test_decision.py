@@ -11,6 +11,18 @@ from bench import decision
 from service.calibration import Combination, Component
 
 
+def select(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean: dict[str, np.ndarray], attacks: dict[str, dict[str, np.ndarray]]
+) -> list[dict]:
+    """Runs `python -m bench.decision` on these per-image scores; its rows, best first."""
+    flat = {f"clean/{k}": v for k, v in clean.items()} | {f"{a}/{k}": v for a, s in attacks.items() for k, v in s.items()}
+    np.savez(tmp_path / "scores.npz", **flat)  # type: ignore[arg-type]
+    monkeypatch.setattr(sys, "argv", ["decision", "--scores", str(tmp_path / "scores.npz"), "--out", str(tmp_path / "out")])
+    decision.main()
+    rows: list[dict] = json.loads((tmp_path / "out" / "decision.json").read_text())["rows"]
+    return rows
+
+
 def test_a_decision_that_flags_noise_is_not_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`margin` catches both attacks and the noise control; `feature_squeezing` catches fewer attacks and no
     noise: the rule chooses feature squeezing although its mean TPR is lower."""
@@ -21,11 +33,7 @@ def test_a_decision_that_flags_noise_is_not_chosen(tmp_path: Path, monkeypatch: 
         "pgd": {"margin": rng.normal(-4, 1, m), "feature_squeezing": rng.normal(2.5, 1, m)},
         "noise:0.1": {"margin": rng.normal(-4, 1, m), "feature_squeezing": rng.normal(0, 1, m)},
     }
-    flat = {f"clean/{k}": v for k, v in clean.items()} | {f"{a}/{k}": v for a, s in attacks.items() for k, v in s.items()}
-    np.savez(tmp_path / "scores.npz", **flat)  # type: ignore[arg-type]
-    monkeypatch.setattr(sys, "argv", ["decision", "--scores", str(tmp_path / "scores.npz"), "--out", str(tmp_path / "out")])
-    decision.main()
-    rows = json.loads((tmp_path / "out" / "decision.json").read_text())["rows"]
+    rows = select(tmp_path, monkeypatch, clean, attacks)
     by_name = {" + ".join(r["components"]): r for r in rows}
     assert by_name["margin:one-sided"]["mean_tpr@0.05"] > 0.95 and not by_name["margin:one-sided"]["admissible"]
     assert by_name["margin:one-sided"]["worst_control@0.05"] > 0.9
@@ -41,11 +49,7 @@ def test_a_decision_that_holds_only_at_alpha_005_is_not_chosen(tmp_path: Path, m
     n, m = 4000, 400
     clean = {"mahalanobis": rng.normal(0, 1, n), "feature_squeezing": rng.normal(0, 1, n)}
     attacks = {"cw": {"mahalanobis": rng.uniform(1.8, 2.2, m), "feature_squeezing": rng.normal(2.8, 1, m)}}
-    flat = {f"clean/{k}": v for k, v in clean.items()} | {f"{a}/{k}": v for a, s in attacks.items() for k, v in s.items()}
-    np.savez(tmp_path / "scores.npz", **flat)  # type: ignore[arg-type]
-    monkeypatch.setattr(sys, "argv", ["decision", "--scores", str(tmp_path / "scores.npz"), "--out", str(tmp_path / "out")])
-    decision.main()
-    rows = json.loads((tmp_path / "out" / "decision.json").read_text())["rows"]
+    rows = select(tmp_path, monkeypatch, clean, attacks)
     by_name = {" + ".join(r["components"]): r for r in rows}
     maha, fs = by_name["mahalanobis:one-sided"], by_name["feature_squeezing:one-sided"]
     assert maha["mean_tpr@0.05"] > 0.95 > fs["mean_tpr@0.05"] > 0.8
