@@ -4,6 +4,7 @@ import datetime as dt
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import time
@@ -65,3 +66,10 @@ def interleaved(methods: dict[str, Callable[[], Any]], reps: int, device: str) -
 def write(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

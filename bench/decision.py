@@ -1,4 +1,4 @@
-"""Choose a bundle's decision statistic on its *calibration* half (design.md §7: never on the evaluation half).
+"""Choose a bundle's decision statistic on its *calibration* half (docs/detection.md#protocol: never on the evaluation half).
 
 Reads the per-image scores of `fisherguard evaluate --split calibration ... --out DIR` (DIR/scores.npz),
 splits the clean calibration-half images at random into a fitting part and a held-out part, fits
@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import environment, write
-from service.calibration import Combination, Component
-from service.evaluate import ALPHAS, roc_auc
+from service.core import decision
+from service.core.calibration import Combination, Component
+from service.lab.evaluate import ALPHAS
+from service.lab.stats import roc_auc
 
 CANDIDATES = [
     Component("fisher_input_trace", "two-sided"),
@@ -39,7 +41,7 @@ CANDIDATES = [
     Component("mahalanobis_layers", "one-sided"),
 ]
 CONTROLS = ("noise", "jpeg")  # clean images changed in ways that are not attacks
-CONTROL_SLACK = 0.015  # a decision is admissible when every control is flagged at most α + this (issue 5's FPR tolerance)
+CONTROL_SLACK = 0.015  # a decision is admissible when every control is flagged at most α + this (the FPR tolerance of the detection goal)
 
 
 class Product(Combination):
@@ -75,18 +77,13 @@ def measure(
     p_clean = combo.p_value(held)
     # ranking by the uncalibrated min-p is the same as by the calibrated p, with fewer ties
     m_clean = combo.min_p(held)
-    row: dict[str, Any] = {"components": [f"{c.score}:{c.tail}" for c in components], "fpr@0.05": float((p_clean <= 0.05).mean())}
-    row["fpr@0.01"] = float((p_clean <= 0.01).mean())
+    row: dict[str, Any] = {"components": [f"{c.score}:{c.tail}" for c in components], **decision.rates(p_clean, ALPHAS, "fpr")}
     row["attacks"] = {}
     for name, adv in attacks.items():
         if not len(next(iter(adv.values()))):
             continue
         p_adv, m_adv = combo.p_value(adv), combo.min_p(adv)
-        row["attacks"][name] = {
-            "tpr@0.05": float((p_adv <= 0.05).mean()),
-            "tpr@0.01": float((p_adv <= 0.01).mean()),
-            "auc": roc_auc(-m_clean, -m_adv),
-        }
+        row["attacks"][name] = decision.rates(p_adv, ALPHAS, "tpr") | {"auc": roc_auc(-m_clean, -m_adv)}
     real = [a for n, a in row["attacks"].items() if not n.startswith(CONTROLS)]
     controls = [a for n, a in row["attacks"].items() if n.startswith(CONTROLS)]
     for alpha in ALPHAS:

@@ -1,8 +1,8 @@
 """Fisher engine throughput against its cost floor and against peers, in one run.
 
-    python bench/engine.py                      # CPU, 2 threads -> bench/results/engine-cpu.json
-    python bench/engine.py --device cuda        # GPU            -> bench/results/engine-cuda.json
-    python bench/engine.py --models cifar10 --batches 1,8 --out bench/results/engine-cpu-cifar10.json
+    python -m bench.engine                      # CPU, 2 threads -> bench/results/engine-cpu.json
+    python -m bench.engine --device cuda        # GPU            -> bench/results/engine-cuda.json
+    python -m bench.engine --models cifar10 --batches 1,8 --out bench/results/engine-cpu-cifar10.json
 
 Peers for `fisher_param_trace` need BackPACK: `pip install --no-deps backpack-for-pytorch unfoldNd einops`
 (its declared torchvision dependency is not used and would replace the pinned torch).
@@ -15,7 +15,6 @@ way), torch.func vmap(jacrev), and BackPACK's BatchDiagGGNExact. Medians of inte
 
 import argparse
 import copy
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench.common import environment, interleaved, write
 from models.cifar10.model import build as resnet20
 from service.bundle import load_bundle
-from service.fisher import HEATMAPS, SCORES, compute, persample
+from service.fisher import HEATMAPS, SCORES, compute
 
 FLOOR_OF = {
     "confidence": "forward",
@@ -155,12 +152,7 @@ def backpack_param_trace(model: nn.Module, x: Tensor) -> Callable[[], Tensor] | 
 
 def without_conv_ghost(model: nn.Module, x: Tensor) -> Tensor:
     """The engine's tr F_θ with the ghost-norm path for convolutions switched off (ablation)."""
-    saved = persample._conv_ghost
-    persample._conv_ghost = lambda *args: False  # type: ignore[assignment]
-    try:
-        return compute(model, x, ["fisher_param_trace"]).scores["fisher_param_trace"]
-    finally:
-        persample._conv_ghost = saved  # type: ignore[assignment]
+    return compute(model, x, ["fisher_param_trace"], conv_ghost=False).scores["fisher_param_trace"]
 
 
 def bench_model(

@@ -1,6 +1,6 @@
 """Fisher-regularised training (Shen et al.): for each trained β, clean accuracy, PGD-L∞ robust
 accuracy, the clean distribution of λ_max(G_x), and the detection ROC-AUC of the tr G_x two-sided
-decision (calibrated per model on the calibration half, measured on the evaluation half, design.md §7).
+decision (calibrated per model on the calibration half, measured on the evaluation half, docs/detection.md#protocol).
 
     python -m bench.fisherreg --models mnist:0 /tmp/fr/beta0.1:0.1 /tmp/fr/beta1:1 /tmp/fr/beta10:10 \\
         --data ../shared/data/mnist.npz --eps 0.1,0.3 --limit 1000 --out bench/results/fisherreg-mnist
@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from bench.common import environment, write
-from service import attacks
-from service.bundle import load_bundle
-from service.calibration import tail_p_value
-from service.data import load_dataset, load_train_subset
-from service.evaluate import bootstrap_auc, predict, roc_auc
-from service.scoring import score_batches
+from service.core import decision
+from service.core.bundle import load_bundle
+from service.core.calibration import tail_p_value
+from service.core.scoring import predict, score_dataset
+from service.lab import attacks
+from service.lab.data import load_dataset, load_train_subset, seeded_pick
+from service.lab.stats import bootstrap_auc, roc_auc
 
 SCORES = ("fisher_input_trace", "fisher_input_eig")
 
@@ -38,37 +39,37 @@ def measure(spec: str, data: Path, eps_list: list[float], limit: int, alphas: tu
     full = load_dataset(data, "all", bundle.classes, shape)
     cal_half = load_dataset(data, "calibration", bundle.classes, shape)
     ev = load_dataset(data, "evaluation", bundle.classes, shape)
-    cal_scores, cal_pred = score_batches(model, cal_half.x, SCORES, {})
+    cal_scores, cal_pred = score_dataset(bundle, cal_half.x, SCORES, opts={})
     cal = np.sort(cal_scores["fisher_input_trace"][cal_pred == cal_half.y.numpy()])
-    clean_scores, clean_pred = score_batches(model, ev.x, SCORES, {})
+    clean_scores, clean_pred = score_dataset(bundle, ev.x, SCORES, opts={})
     ok = clean_pred == ev.y.numpy()
     p_clean = two_sided_p(cal, clean_scores["fisher_input_trace"][ok])
-    pick = np.sort(np.random.default_rng(1).choice(len(ev.y), limit, replace=False))
+    pick = seeded_pick(len(ev.y), limit)
     x, y = ev.x[pick], ev.y[pick]  # robust accuracy counts every image of the subset
     xt, _ = load_train_subset(data, 2000)
-    train_trace = 10.0 ** score_batches(model, xt, ("fisher_input_trace",), {})[0]["fisher_input_trace"]
+    train_trace = 10.0 ** score_dataset(bundle, xt, ("fisher_input_trace",), opts={})[0]["fisher_input_trace"]
     row: dict[str, Any] = {
         "train_trace": {"mean": float(train_trace.mean()), "median": float(np.median(train_trace))},
         "model": bundle.name,
         "beta": float(beta),
         "weights_sha256": bundle.weights_sha256,
-        "test_accuracy": float((predict(model, full.x) == full.y).float().mean()),
+        "test_accuracy": float((predict(bundle, full.x) == full.y).float().mean()),
         "calibration_n": len(cal),
         "clean_eval_n": int(ok.sum()),
         "log10_lambda_max_clean": {
             f"q{q}": float(np.quantile(clean_scores["fisher_input_eig"][ok], q / 100)) for q in (10, 25, 50, 75, 90)
         },
         "log10_trace_clean_median": float(np.median(clean_scores["fisher_input_trace"][ok])),
-        "clean_fpr": {str(a): float((p_clean <= a).mean()) for a in alphas},
+        "clean_fpr": {str(a): decision.flag_rate(p_clean, a) for a in alphas},
         "attacks": {},
         "hist": np.histogram(clean_scores["fisher_input_eig"][ok], bins=60, range=(-12, 3))[0].tolist(),
     }
     for eps in eps_list:
         adv = attacks.quantise(attacks.pgd_linf(model, x, y, eps))
-        adv_pred = predict(model, adv)
-        clean_ok = predict(model, x) == y
+        adv_pred = predict(bundle, adv)
+        clean_ok = predict(bundle, x) == y
         hit = clean_ok & (adv_pred != y)  # successful attacks on correctly classified images
-        adv_scores, _ = score_batches(model, adv[hit], SCORES, {})
+        adv_scores, _ = score_dataset(bundle, adv[hit], SCORES, opts={})
         p_adv = two_sided_p(cal, adv_scores["fisher_input_trace"])
         auc = roc_auc(-p_clean, -p_adv) if len(p_adv) else float("nan")
         row["attacks"][f"pgd_linf:{eps:g}"] = {
@@ -77,16 +78,16 @@ def measure(spec: str, data: Path, eps_list: list[float], limit: int, alphas: tu
             "decision_auc": auc,
             "decision_auc_ci95": list(bootstrap_auc(-p_clean, -p_adv)) if len(p_adv) > 1 else None,
             "raw_trace_auc_high": roc_auc(clean_scores["fisher_input_trace"][ok], adv_scores["fisher_input_trace"]) if len(p_adv) else None,
-            "tpr": {str(a): float((p_adv <= a).mean()) if len(p_adv) else None for a in alphas},
+            "tpr": {str(a): decision.flag_rate(p_adv, a) if len(p_adv) else None for a in alphas},
         }
         print(f"{bundle.name} β={beta} {eps:g}: {row['attacks'][f'pgd_linf:{eps:g}']}", flush=True)
     # gradient masking check: a black-box attack (queries only) at the smallest ε, on a smaller subset
     eps = min(eps_list)
     few = slice(0, min(limit, 300))
     sq = attacks.quantise(attacks.square_linf(model, x[few], y[few], eps))
-    row["square_robust_accuracy"] = {f"{eps:g}": float((predict(model, sq) == y[few]).float().mean()), "n": len(y[few])}
+    row["square_robust_accuracy"] = {f"{eps:g}": float((predict(bundle, sq) == y[few]).float().mean()), "n": len(y[few])}
     row["pgd_robust_accuracy_same_images"] = {
-        f"{eps:g}": float((predict(model, attacks.quantise(attacks.pgd_linf(model, x[few], y[few], eps))) == y[few]).float().mean())
+        f"{eps:g}": float((predict(bundle, attacks.quantise(attacks.pgd_linf(model, x[few], y[few], eps))) == y[few]).float().mean())
     }
     print(f"{bundle.name} β={beta} square {eps:g}: {row['square_robust_accuracy']}", flush=True)
     return row

@@ -17,18 +17,21 @@ import numpy as np
 import torch
 
 from bench.common import environment, write
-from service import attacks
-from service.baselines import PENULTIMATE, Mahalanobis, features, stage_outputs
-from service.bundle import load_bundle
-from service.data import load_dataset, load_train_subset
-from service.evaluate import parse_attack, predict, roc_auc
+from service.core.baselines import PENULTIMATE, Mahalanobis, features, stage_outputs
+from service.core.batches import cat_dicts, map_batches
+from service.core.bundle import load_bundle
+from service.core.scoring import predict
+from service.lab.attack_specs import parse_attack
+from service.lab.data import load_dataset, load_train_subset, seeded_pick
+from service.lab.evaluate import run_attack
+from service.lab.stats import roc_auc
 
 
 def distances(fit: Mahalanobis, model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> dict[str, np.ndarray]:
     """layer -> d_l(x) (N,) for every fitted layer."""
     taps = [k for k in fit.layers if k != PENULTIMATE]
-    parts = [features(model, x[i : i + batch], taps) for i in range(0, len(x), batch)]
-    return {k: np.concatenate([g.distance(p[k]).numpy() for p in parts]) for k, (g, _) in fit.layers.items()}
+    f = cat_dicts(map_batches(lambda xb: features(model, xb, taps), x, batch=batch))  # layer -> (N, F_l)
+    return {k: g.distance(f[k]).numpy() for k, (g, _) in fit.layers.items()}
 
 
 def main() -> None:
@@ -48,12 +51,12 @@ def main() -> None:
     fit = Mahalanobis.fit(model, *load_train_subset(a.data, a.train_subset), taps=stage_outputs(model, x))
     clean = distances(fit, model, x)
     q95 = {k: float(np.quantile(v, 0.95)) for k, v in clean.items()}
-    pick = np.sort(np.random.default_rng(1).choice(len(x), min(a.limit, len(x)), replace=False))
+    pick = seeded_pick(len(x), a.limit)
     xa, ya = x[pick], y[pick]
     rows: dict[str, Any] = {}
     for spec in a.attacks.split(","):
         attack, t0 = parse_attack(spec, bundle), time.time()
-        adv = attacks.quantise(torch.cat([attack.run(model, xa[i : i + 100], ya[i : i + 100]) for i in range(0, len(xa), 100)]))
+        adv = run_attack(attack, bundle, xa, ya, 100)
         hit = torch.ones(len(adv), dtype=torch.bool) if attack.control else predict(model, adv) != ya
         d = distances(fit, model, adv[hit])
         rows[spec] = {

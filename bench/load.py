@@ -1,6 +1,6 @@
 """Service throughput and latency under load: what batching buys, and how overload is handled.
 
-    python bench/load.py            # -> bench/results/load-cpu.json (needs Debian's wrk)
+    python -m bench.load            # -> bench/results/load-cpu.json (needs Debian's wrk)
 
 For max_batch_size 1 and 32 on the default model (`fisherguard serve`, a real process):
 - closed loop (wrk, one thread, C connections, C in 1..64): images/s, p50/p90/p99, 503 rate,
@@ -27,13 +27,12 @@ import httpx
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.common import environment, free_port, write
+from service.core.bundle import load_bundle
+from service.core.scores import DEFAULT
+from service.core.scoring import score
 
-from bench.common import environment, write  # noqa: E402
-from service.bundle import load_bundle  # noqa: E402
-from service.fisher import SCORES, compute  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 IMAGE = ROOT / "tests" / "fixtures" / "digit.png"
 
@@ -163,12 +162,12 @@ def engine_offline(batch: int, seconds: float = 5.0) -> float:
     bundle = load_bundle("mnist")
     cal = bundle.calibration
     assert cal is not None
-    scores = [s for s in ("confidence", "entropy", "margin", *cal.decision_scores) if s in SCORES]  # the Fisher part
+    names = list(dict.fromkeys((*DEFAULT, *cal.decision_scores)))  # what a default request computes
     x = torch.rand(batch, 1, 28, 28)
-    compute(bundle.model, x, scores, **cal.score_options)
+    score(bundle, x, names)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        compute(bundle.model, x, scores, **cal.score_options)
+        score(bundle, x, names)
         n += batch
     return n / (time.perf_counter() - t0)
 

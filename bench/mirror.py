@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from bench.common import environment, write
-from service.bundle import load_bundle
-from service.data import load_dataset
+from service.core.batches import cat_batches
+from service.core.bundle import load_bundle
+from service.lab.data import load_dataset
 
 
 def main() -> None:
@@ -23,8 +24,8 @@ def main() -> None:
     bundle = load_bundle(a.model)
     data = load_dataset(a.data, "all", bundle.classes, bundle.input_shape)
     with torch.no_grad():
-        z = torch.cat([bundle.model(data.x[i : i + 500]) for i in range(0, len(data.x), 500)])  # (N, K)
-        zf = torch.cat([bundle.model(data.x[i : i + 500].flip(-1)) for i in range(0, len(data.x), 500)])  # (N, K)
+        z = cat_batches(bundle.model, data.x, batch=500)  # (N, K)
+        zf = cat_batches(lambda xb: bundle.model(xb.flip(-1)), data.x, batch=500)  # (N, K)
     result = {
         "environment": environment("cpu"),
         "model": bundle.name,

@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from bench.common import environment, write
-from service.bundle import load_bundle
-from service.calibrate import same_values
-from service.evaluate import ALPHAS, roc_auc
+from service.core import decision
+from service.core.bundle import load_bundle
+from service.lab.calibrate import same_values
+from service.lab.evaluate import ALPHAS
+from service.lab.stats import roc_auc
 
 
 def main() -> None:
@@ -53,10 +55,10 @@ def main() -> None:
             "median_linf": old["median_linf"],
             "auc": roc_auc(-r_clean, -cal.decision_rank(adv)) if len(p) else float("nan"),
             "previous": old["decision"],
-        } | {f"tpr@{al}": float((p <= al).mean()) for al in ALPHAS}
+        } | decision.rates(p, ALPHAS, "tpr")
         rows[name]["unflagged_success@0.05"] = old["success_rate"] * (1 - rows[name]["tpr@0.05"])
-    fpr = {str(al): float((p_clean <= al).mean()) for al in ALPHAS}
-    decision = cal.summary() | {"scores": None}
+    fpr = {str(al): decision.flag_rate(p_clean, al) for al in ALPHAS}
+    summary = cal.summary() | {"scores": None}
     lines = [
         f"# {bundle.name}: the current decision on the images of {a.report}",
         "",
@@ -78,7 +80,7 @@ def main() -> None:
         )
     write(
         a.out / "redecided.json",
-        {"environment": environment("cpu"), "report": str(a.report), "decision": decision, "clean_fpr": fpr, "attacks": rows},
+        {"environment": environment("cpu"), "report": str(a.report), "decision": summary, "clean_fpr": fpr, "attacks": rows},
     )
     (a.out / "redecided.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,7 +1,7 @@
 """Markdown tables from the committed benchmark JSON (what the README quotes).
 
-python bench/tables.py bench/results/engine-cpu.json
-python bench/tables.py bench/results/load-cpu.json
+python -m bench.tables bench/results/engine-cpu.json
+python -m bench.tables bench/results/load-cpu.json
 """
 
 import json

@@ -15,9 +15,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
 from service.bundle import Bundle, load_bundle
-from service.settings import Settings
+from service.serve.app import create_app
+from service.serve.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

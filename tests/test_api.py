@@ -1,5 +1,6 @@
 """The HTTP API on the shipped MNIST bundle: exact status codes and JSON (design.md §6)."""
 
+import base64
 import io
 import struct
 import zlib
@@ -10,9 +11,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service import heatmaps as heatmap_png
-from service.attacks import pgd_linf, quantise
 from service.bundle import Bundle
+from service.lab.attacks import pgd_linf, quantise
 from tests.conftest import png
 
 PNG = {"content-type": "image/png"}
@@ -53,7 +53,7 @@ def test_detect_one_png(client: TestClient, digits) -> None:  # type: ignore[no-
 
 
 def test_all_scores_and_heatmaps(client: TestClient, digits, mnist: Bundle) -> None:  # type: ignore[no-untyped-def]
-    from service.baselines import feature_squeezing
+    from service.core.baselines import feature_squeezing
     from service.fisher import HEATMAPS, SCORES, compute
 
     x, _ = digits
@@ -73,7 +73,13 @@ def test_all_scores_and_heatmaps(client: TestClient, digits, mnist: Bundle) -> N
         assert h["shape"] == [28, 28]
         ref = direct.heatmaps[k][0].numpy()
         assert h["min"] == pytest.approx(float(ref.min()), rel=1e-4, abs=1e-12)
-        assert np.abs(heatmap_png.decode(h) - ref).max() <= (h["max"] - h["min"]) / 255 + 1e-9
+        assert np.abs(decode_heatmap(h) - ref).max() <= (h["max"] - h["min"]) / 255 + 1e-9
+
+
+def decode_heatmap(h: dict) -> np.ndarray:  # type: ignore[type-arg]
+    """A response heatmap back to floats, to 1/255 of its range: min + (max − min) · pixel / 255."""
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(h["png_base64"]))), dtype=np.float64)
+    return h["min"] + (h["max"] - h["min"]) * pixels / 255.0
 
 
 def test_alpha_override_changes_only_the_threshold(client: TestClient, digits) -> None:  # type: ignore[no-untyped-def]

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from bench import redecide
-from service import adaptive, attacks
-from service.baselines import Mahalanobis, feature_squeezing
 from service.bundle import Bundle
-from service.calibration import Component
 from service.cli import main
-from service.evaluate import parse_attack, roc_auc
-from service.fisher.compute import input_fisher_top_eigenpair
-from service.scoring import score_batches
+from service.core.baselines import Mahalanobis, feature_squeezing
+from service.core.calibration import Component
+from service.core.scoring import score_dataset
+from service.fisher.input_fisher import top_eigenpair
+from service.lab import adaptive, attacks
+from service.lab.attack_specs import parse_attack
+from service.lab.stats import roc_auc
 from tests import small_models
 from tests.conftest import FIXTURES
 
@@ -75,7 +76,7 @@ def test_square_uses_only_queries_and_respects_eps(mnist: Bundle, digits) -> Non
 def test_ossa_steps_along_the_top_eigenvector(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
     x, y = digits
     adv = attacks.ossa(mnist.model, x, y, 2.0)
-    _, u = input_fisher_top_eigenpair(mnist.model, x)
+    _, u = top_eigenpair(mnist.model, x)
     d = (adv - x).flatten(1)
     cos = (d * u.flatten(1)).sum(1).abs() / d.norm(dim=1)
     assert (cos > 0.8).float().mean() >= 0.75  # the clip to [0, 1] bends a few
@@ -95,7 +96,7 @@ def test_adaptive_attack_evades_the_whole_combined_decision(mnist: Bundle, digit
     assert cal is not None
 
     def p_values(adv: torch.Tensor) -> np.ndarray:
-        t, _ = score_batches(mnist.model, adv, cal.decision_scores, cal.score_options, mahalanobis=mnist.mahalanobis)
+        t, _ = score_dataset(mnist, adv, cal.decision_scores)
         return cal.decision_p_value(t)
 
     p_plain, p_adaptive = p_values(plain), p_values(adaptive)
@@ -138,7 +139,7 @@ def test_adaptive_surrogates_equal_the_served_scores(mnist: Bundle, digits, scor
     x = x[:6].clone().requires_grad_(True)
     with torch.enable_grad():
         surrogate = adaptive.surrogates(mnist.mahalanobis)[score](mnist.model, x)
-    served, _ = score_batches(mnist.model, x.detach(), [score], {}, mahalanobis=mnist.mahalanobis)  # thresholded form
+    served, _ = score_dataset(mnist, x.detach(), [score], opts={})  # thresholded form
     assert np.allclose(surrogate.detach().double().numpy(), served[score], rtol=1e-4, atol=1e-6)
 
 
@@ -150,14 +151,14 @@ def test_param_trace_surrogate_is_differentiable_in_x(name: str) -> None:
     model = model.double()
     x = torch.rand(2, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: adaptive.log10_param_trace(model, t), (x,), fast_mode=True)
-    with attacks.relu_surrogate(beta=10.0):
+    with adaptive.relu_surrogate(beta=10.0):
         (g,) = torch.autograd.grad(adaptive.log10_param_trace(model, x).sum(), x)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
 def test_surrogate_relu_keeps_second_derivatives() -> None:
     x = torch.linspace(-2, 2, 9, requires_grad=True)
-    with attacks.relu_surrogate(beta=5.0):
+    with adaptive.relu_surrogate(beta=5.0):
         (g,) = torch.autograd.grad(torch.relu(x).sum(), x, create_graph=True)
         (h,) = torch.autograd.grad(g.sum(), x)
     assert torch.allclose(g, torch.sigmoid(5 * x.detach())) and (h > 0).all()

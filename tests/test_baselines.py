@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from service.baselines import PENULTIMATE, Mahalanobis, available, baseline_scores, features, stage_outputs
+from service.core.baselines import PENULTIMATE, Mahalanobis, available, baseline_scores, features, stage_outputs
 from tests import small_models
 
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from service.app import create_app
 from service.bundle import Bundle
-from service.calibration import Calibration
-from service.detector import Detector
-from service.settings import Settings
+from service.core.calibration import Calibration
+from service.serve.app import create_app
+from service.serve.detector import Detector
+from service.serve.settings import Settings
 from tests.conftest import free_port, png, serving, wait_ready
 
 PNG = {"content-type": "image/png"}
@@ -211,7 +211,7 @@ def test_a_poisoned_image_fails_alone(probe_server) -> None:  # type: ignore[no-
 
 def test_cuda_out_of_memory_splits_the_batch_and_lowers_the_ceiling() -> None:
     model = Probe(oom_above=4)
-    det = Detector(probe_bundle(model), torch.device("cpu"))
+    det = Detector(probe_bundle(model))
     x = torch.rand(16, 1, 28, 28) * 0.9
     out = det.run(x, ["margin"], [])
     assert len(out) == 16 and all(not isinstance(o, Exception) for o in out)
@@ -224,7 +224,7 @@ def test_cuda_out_of_memory_splits_the_batch_and_lowers_the_ceiling() -> None:
 @pytest.mark.parametrize("probe_server", [{"max_batch_size": 4}], indirect=True)
 def test_the_batching_loop_survives_errors_and_is_restarted(probe_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     base, _ = probe_server
-    from service import batcher as batcher_module
+    from service.serve import batcher as batcher_module
 
     real = batcher_module.Batcher._run
 
@@ -245,11 +245,12 @@ def test_a_dead_batching_loop_is_restarted(mnist: Bundle, digits) -> None:  # ty
     x, _ = digits
     with TestClient(create_app(Settings(device="cpu"), bundle=mnist)) as client:
         batcher = client.app.state.fg.batcher  # type: ignore[attr-defined]
-        client.portal.call(lambda: batcher.task.cancel())  # type: ignore[union-attr]
+        dead = batcher.task
+        client.portal.call(lambda: dead.cancel())  # type: ignore[union-attr]
         deadline = time.monotonic() + 5
-        while batcher.restarts == 0 and time.monotonic() < deadline:
+        while (batcher.task is dead or not batcher.running) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert batcher.restarts == 1
+        assert dead.cancelled() and batcher.task is not dead and batcher.running
         assert client.get("/readyz").status_code == 200
         assert client.post("/v1/detect", content=png(x[0]), headers=PNG).status_code == 200
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.cifar10.train import decode_split
 from service.bundle import Bundle, BundleError, load_bundle
-from service.calibration import COMBINED, Calibration, Combination, Component
+from service.core.calibration import COMBINED, Calibration, Combination, Component
 from service.fisher import HEATMAPS, SCORES, compute
+from service.lab.data import jpeg_split
 from tests.conftest import FIXTURES
 
 
@@ -215,7 +215,7 @@ def test_shipped_cifar10_bundle_classifies_held_out_images(cifar10: Bundle) -> N
     """256 seeded images of the CIFAR-10 evaluation half (JPEG export, tests/fixtures); the card's
     accuracy is on all 10,000 test images."""
     with np.load(FIXTURES / "cifar10_eval256.npz") as d:
-        x, y = decode_split(d, "test")
+        x, y = jpeg_split(d, "test")
     with torch.no_grad():
         acc = float((cifar10.model(x).argmax(1) == y).float().mean())
     assert acc >= 0.85, acc

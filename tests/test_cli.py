@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.baselines import Mahalanobis
 from service.bundle import Bundle, BundleError, load_bundle
 from service.cli import main
-from service.settings import Settings
+from service.core.baselines import Mahalanobis
+from service.serve.app import create_app
+from service.serve.settings import Settings
 from tests.conftest import FIXTURES, png, wait_ready
 
 

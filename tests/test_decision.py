@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench import decision
-from service.calibration import Combination, Component
+from service.core.calibration import Combination, Component
 
 
 def select(

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from service.app import create_app
 from service.bundle import Bundle
-from service.settings import Settings
+from service.serve.app import create_app
+from service.serve.settings import Settings
 from tests.conftest import free_port, png, serving
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,10 @@ import torch
 from torch import nn
 
 from service.fisher import HEATMAPS, SCORES, compute, persample
-from service.fisher.compute import Options, _auto_chunk, _forward
+from service.fisher.compute import _auto_chunk
+from service.fisher.gradients import forward
+from service.fisher.noise import image_seed
+from service.fisher.plan import Options, Plan
 from tests.reference import double, fis_finite_difference, fis_reference, reference
 from tests.small_models import make
 
@@ -43,7 +46,7 @@ def test_heatmap_matches_float64_reference(case, heatmap: str) -> None:  # type:
 def test_the_fast_path_is_taken_where_it_applies() -> None:
     for name, fast in [("mlp", True), ("bncnn", True), ("resnet", True), ("air", True), ("shared", False)]:
         model, shape = make(name)
-        _, tape = _forward(model, torch.rand(2, *shape, requires_grad=True), True)
+        _, tape = forward(model, torch.rand(2, *shape, requires_grad=True), True)
         assert (tape is not None) == fast, name
 
 
@@ -175,10 +178,8 @@ def test_noise_kl_is_seeded_by_the_image_and_matches_a_loop() -> None:
     a = compute(model, x, ["fisher_noise_kl"]).scores["fisher_noise_kl"]
     b = compute(model, x.flip(0), ["fisher_noise_kl"], noise_samples=16).scores["fisher_noise_kl"]
     assert torch.allclose(a, b.flip(0))
-    from service.fisher.compute import _image_seed
-
     for n in range(3):
-        eta = torch.randn((16, *shape), generator=torch.Generator().manual_seed(_image_seed(x[n])))
+        eta = torch.randn((16, *shape), generator=torch.Generator().manual_seed(image_seed(x[n])))
         with torch.no_grad():
             logp = torch.log_softmax(model(x[n : n + 1]).double(), 1)
             logq = torch.log_softmax(model((x[n] + 0.1 * eta).clamp(0, 1)).double(), 1)
@@ -229,7 +230,7 @@ def test_large_inputs_and_many_classes_stay_bounded() -> None:
     model = Big().eval()
     x = torch.rand(3, 3, 224, 224)
     names = ["sensitivity", "fisher_input_trace", "fisher_input_eig", "fisher_param_trace"]
-    step = _auto_chunk(model, x, names, ["eigvec"], Options(top_classes=20))
+    step = _auto_chunk(model, x, Plan.of(names, ["eigvec"]), Options(top_classes=20))
     assert step * 21 * x[0].numel() <= 1 << 26
     r = compute(model, x, names, ["eigvec"], top_classes=20, eig_method="lanczos")
     one = compute(model, x[1:2], names, ["eigvec"], top_classes=20, eig_method="lanczos", chunk_size=1)

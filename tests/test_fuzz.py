@@ -13,9 +13,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
-from service.app import create_app
 from service.bundle import Bundle
-from service.settings import Settings
+from service.serve.app import create_app
+from service.serve.settings import Settings
 from tests.conftest import free_port, png, serving, wait_ready
 
 CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -9,7 +9,7 @@ import torch
 
 from service.bundle import load_bundle
 from service.cli import main
-from service.inspection import class_pair_kl, kl_matrix, mean_between_class_kl
+from service.lab.inspection import class_pair_kl, kl_matrix, mean_between_class_kl
 from tests.conftest import FIXTURES
 
 

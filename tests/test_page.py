@@ -9,16 +9,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from service.app import create_app
 from service.bundle import Bundle
-from service.settings import Settings
+from service.serve.app import create_app
+from service.serve.gallery import GALLERY
+from service.serve.settings import Settings
 from tests.conftest import serving
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-EXAMPLES = Path(__file__).resolve().parent.parent / "service" / "static" / "examples" / "mnist"
+EXAMPLES = GALLERY / "mnist"
 
 
 def _chromium() -> str:

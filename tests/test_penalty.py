@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models.training import fit
 from service.fisher import compute
 from service.fisher.penalty import input_fisher_trace_estimate, rademacher
+from service.lab.training.loop import fit
 from tests.reference import double, reference
 from tests.small_models import make
 

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.app import create_app
 from service.bundle import Bundle
-from service.settings import Settings
+from service.serve.app import create_app
+from service.serve.settings import Settings
 from tests.conftest import png
 
 PNG = {"content-type": "image/png"}
@@ -216,7 +216,7 @@ def test_details_can_be_withheld_from_untrusted_clients(mnist: Bundle, digits) -
 
 
 def test_access_logs_are_json_with_the_request_id_and_no_secrets(mnist: Bundle, digits, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
-    from service.access import JsonFormatter
+    from service.serve.access import JsonFormatter
 
     x, _ = digits
     with caplog.at_level(logging.INFO, logger="fisherguard.access"), _client(mnist, api_keys="sekrit-key") as c:

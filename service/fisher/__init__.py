@@ -1,9 +1,10 @@
-"""The Fisher-information math (design.md §3), free of any HTTP concern.
+"""The Fisher-information math (docs/fisher.md), free of any HTTP concern.
 
 from service.fisher import compute
 result = compute(model, x, scores=("sensitivity", "fisher_param_trace"), heatmaps=("fis",))
 """
 
-from service.fisher.compute import HEATMAPS, SCORES, FisherResult, ScoreSpec, compute, to_log10
+from service.fisher.compute import FisherResult, compute
+from service.fisher.scores import HEATMAPS, SCORES, ScoreSpec, to_log10
 
 __all__ = ["HEATMAPS", "SCORES", "FisherResult", "ScoreSpec", "compute", "to_log10"]

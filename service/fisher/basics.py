@@ -1,6 +1,6 @@
 """Forward-only quantities of the predictive distribution, computed stably from logits.
 
-Notation (design.md §3): z (N, K) logits, p = softmax(z), ŷ = argmax p, p̂ = p_ŷ,
+Notation (docs/fisher.md#notation): z (N, K) logits, p = softmax(z), ŷ = argmax p, p̂ = p_ŷ,
 s = z_ŷ − logsumexp_{k≠ŷ} z_k = log p̂ − log(1 − p̂).
 """
 

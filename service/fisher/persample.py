@@ -195,9 +195,10 @@ def _conv_ghost_products(m: nn.Conv2d, a: Tensor, gs: list[Tensor], ref: int | N
     return (v * g).sum((2, 3)), cross
 
 
-def param_products(tape: Tape, grads: list[list[Tensor]], ref: int | None) -> tuple[Tensor, Tensor | None]:
+def param_products(tape: Tape, grads: list[list[Tensor]], ref: int | None, conv_ghost: bool = True) -> tuple[Tensor, Tensor | None]:
     """For m cotangents (grads[j][l]: layer l's output gradient for cotangent j), per sample:
-    diag (N, m) = ‖∇_θ_j‖² and, when ref is given, cross (N, m) = ⟨∇_θ_j, ∇_θ_ref⟩."""
+    diag (N, m) = ‖∇_θ_j‖² and, when ref is given, cross (N, m) = ⟨∇_θ_j, ∇_θ_ref⟩.
+    conv_ghost=False never takes the ghost-norm path for convolutions (to measure what it buys)."""
     m = len(grads)
     diag: list[Tensor] = [torch.zeros(())] * m
     cross: list[Tensor] = [torch.zeros(())] * m
@@ -211,7 +212,7 @@ def param_products(tape: Tape, grads: list[list[Tensor]], ref: int | None) -> tu
                 if ref is not None:
                     cross[j] = cross[j] + (g * gs[ref]).sum(1) * aa
             continue
-        if isinstance(mod, nn.Conv2d) and _conv_ghost(mod, a, gs):
+        if conv_ghost and isinstance(mod, nn.Conv2d) and _conv_ghost(mod, a, gs):
             d, c = _conv_ghost_products(mod, a, gs, ref)
             for j in range(m):
                 diag[j] = diag[j] + d[:, j]

@@ -1,0 +1,66 @@
+"""`fisherguard calibrate`: write calibration.json from clean data (docs/detection.md#calibration)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from service.cli import common
+from service.core.scores import SCORES
+
+
+def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    c = sub.add_parser("calibrate", help="write calibration.json from clean data")
+    c.add_argument("--model", default="mnist")
+    c.add_argument("--data", type=Path, help="npz file or class-folder directory (default ../shared/data/<card's file>)")
+    c.add_argument("--split", default="calibration", choices=["calibration", "evaluation", "all"])
+    c.add_argument("--alpha", type=float, default=0.01)
+    c.add_argument(
+        "--fit-mahalanobis",
+        type=int,
+        metavar="N",
+        help="fit the Mahalanobis baseline on N seeded training images and write <bundle>/mahalanobis.safetensors first",
+    )
+    c.add_argument(
+        "--mahalanobis-layers",
+        metavar="NAMES",
+        help="with --fit-mahalanobis: comma list of module names (model.named_modules()) whose outputs the multi-layer "
+        "score uses (default: the end of every stage but the first, service.core.baselines.stage_outputs)",
+    )
+    c.add_argument("--train-data", type=Path, help="npz with the training split for --fit-mahalanobis (default: --data)")
+    c.add_argument("--statistic", choices=[*sorted(SCORES), "combined"], help="decision statistic (default: the bundle's current one)")
+    c.add_argument(
+        "--components",
+        help="with --statistic combined: SCORE:TAIL,… (TAIL one-sided|two-sided); the decision is the smallest of their "
+        "p-values, calibrated on half of the clean images",
+    )
+    c.add_argument("--tail", choices=["one-sided", "two-sided"], help="decision p-value: the score's own direction, or both tails")
+    c.add_argument(
+        "--scores",
+        type=Path,
+        help="change only the decision: take the clean images' per-image scores from a `fisherguard evaluate --split "
+        "calibration` run's scores.npz on this bundle (checked against the calibration's values) instead of scoring again",
+    )
+    c.add_argument("--out", type=Path, help="default: <bundle>/calibration.json")
+    c.add_argument("--batch-size", type=int, default=64)
+    common.add_device(c)
+    c.set_defaults(func=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    from service.lab import calibrate
+
+    bundle = common.bundle(a)
+    if a.scores and a.fit_mahalanobis:
+        raise ValueError("--scores changes the decision of an existing calibration: it cannot go with --fit-mahalanobis")
+    data = a.data or common.default_data(bundle.card)
+    if a.fit_mahalanobis:
+        calibrate.fit_mahalanobis(bundle, a.train_data or data, a.fit_mahalanobis, a.mahalanobis_layers)
+    spec = calibrate.decision_spec(bundle, a.statistic, a.tail, a.components)
+    cal = calibrate.run(bundle, data, a.split, a.alpha, spec, a.batch_size, sys.stderr.isatty(), a.scores)
+    out = a.out or bundle.path / "calibration.json"
+    cal.save(out)
+    print(
+        f"wrote {out}: n = {cal.n} clean, correctly classified images of {cal.data['description']}; "
+        f"statistic {spec.statistic} ({spec.tail}), alpha {a.alpha}"
+    )
+    return 0

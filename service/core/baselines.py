@@ -1,0 +1,218 @@
+"""Published clean-data detectors, run side by side with the Fisher scores (docs/detection.md#baselines).
+
+- Mahalanobis (Lee et al. 2018): class-conditional Gaussians with a tied covariance on the
+  penultimate features, fitted on clean training images; score = min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c).
+- Multi-layer Mahalanobis (Lee et al.'s feature ensemble, with clean-data weights): the same distance
+  d_l on the channel means of hidden layers' outputs (by default the end of every stage but the
+  first) and on the penultimate features, each
+  divided by its median on the training images it was fitted on, summed: Σ_l d_l(x) / median_train d_l.
+  (Lee et al. weight the layers by a logistic regression on adversarial examples; we use no attack.)
+- Feature squeezing (Xu et al. 2018): max over squeezers of ‖p(x) − p(squeeze(x))‖₁, with bit-depth
+  reduction and a 2×2 median filter. Needs no fitting at all.
+Both are "larger = more unusual".
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from service.core.batches import cat_dicts, map_batches
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+PENULTIMATE = "penultimate"  # the name features() gives the input of the last nn.Linear
+
+
+def penultimate(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
+    """The input of the model's last nn.Linear: the penultimate features. -> (N, F).
+    grad=True keeps them differentiable in x (for an adaptive attacker)."""
+    return features(model, x, (), grad)[PENULTIMATE]
+
+
+def features(model: nn.Module, x: Tensor, taps: Sequence[str], grad: bool = False) -> dict[str, Tensor]:
+    """One forward pass; the outputs of the modules named `taps` (4-D ones reduced to their channel
+    means, (N, C)) and the penultimate features (N, F), keyed by tap name and PENULTIMATE."""
+    modules = dict(model.named_modules())
+    out: dict[str, Tensor] = {}
+
+    def keep(name: str, t: Tensor) -> None:
+        out[name] = t.mean((2, 3)) if t.dim() == 4 else t.flatten(1)
+
+    handles = [modules[t].register_forward_hook(lambda mod, args, o, t=t: keep(t, o)) for t in taps]
+    handles.append(_last_linear(model).register_forward_hook(lambda mod, args, o: keep(PENULTIMATE, args[0])))
+    try:
+        with torch.set_grad_enabled(grad):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out if grad else {k: v.detach() for k, v in out.items()}
+
+
+def stage_outputs(model: nn.Module, x: Tensor) -> list[str]:
+    """The default hidden layers for the multi-layer fit, in forward order: for each spatial size of the
+    4-D activations, the module that finishes last with an output of that size (the end of that stage),
+    counting only blocks (modules with children) where a size has any, single layers otherwise."""
+    done: list[tuple[str, torch.Size, bool]] = []
+    handles = [
+        m.register_forward_hook(
+            lambda mod, args, o, n=n: done.append((n, o.shape, any(True for _ in mod.children()))) if isinstance(o, Tensor) else None
+        )
+        for n, m in model.named_modules()
+        if n
+    ]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    sizes = {shape[2:] for _, shape, _ in done if len(shape) == 4}
+    blocks = {shape[2:] for _, shape, block in done if len(shape) == 4 and block}
+    last = {shape[2:]: n for n, shape, block in done if len(shape) == 4 and (block or shape[2:] not in blocks)}
+    order = [n for n, _, _ in done]
+    return sorted((last[s] for s in sizes), key=order.index)
+
+
+@dataclass
+class Gaussians:
+    """Class-conditional Gaussians with a tied covariance on one layer's features."""
+
+    means: Tensor  # (K, F)
+    precision: Tensor  # (F, F)
+
+    @classmethod
+    def fit(cls, f: Tensor, y: Tensor) -> "Gaussians":
+        """f (N, F), y (N,). Σ gets a ridge of 1e-3 × its mean variance (dead units have none)."""
+        f = f.double()
+        classes = torch.unique(y)  # classes without images get no Gaussian
+        means = torch.stack([f[y == c].mean(0) for c in classes])  # (K', F)
+        centred = f - means[torch.searchsorted(classes, y)]
+        cov = centred.T @ centred / len(f)  # tied covariance (F, F)
+        ridge = 1e-3 * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+        return cls(means, torch.linalg.inv(cov + ridge).contiguous())  # row-major, as a loaded fit: the same BLAS path
+
+    def distance(self, f: Tensor) -> Tensor:
+        """min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c) of features f (N, F), float64 -> (N,)."""
+        d = f.double()[:, None, :] - self.means.to(f.device)[None]  # (N, K, F)
+        return torch.einsum("nkf,fg,nkg->nk", d, self.precision.to(f.device), d).min(1).values  # (N,)
+
+
+@dataclass
+class Mahalanobis:
+    """The penultimate fit (score `mahalanobis`) and, when fitted with hidden layers, the multi-layer
+    ensemble (score `mahalanobis_layers`): layers[name] = (Gaussians, median training distance)."""
+
+    penultimate: Gaussians
+    layers: dict[str, tuple[Gaussians, float]] = field(default_factory=dict)  # hidden taps and PENULTIMATE (the same Gaussians)
+
+    @classmethod
+    def fit(cls, model: nn.Module, x: Tensor, y: Tensor, batch: int = 500, taps: Sequence[str] | None = None) -> "Mahalanobis":
+        """Fits on clean training images x (N, C, H, W), y (N,). taps default to every stage output but
+        the first: the first stage's statistics move with any pixel-level change (on both shipped
+        bundles it flags uniform noise of an attack's size at 100%, bench/results/layers-*)."""
+        taps = stage_outputs(model, x)[1:] if taps is None else list(taps)
+        unknown = [t for t in taps if t not in dict(model.named_modules()) or not t]
+        if unknown:
+            raise ValueError(f"no modules named {unknown} in this model (names as in model.named_modules())")
+        f = cat_dicts(map_batches(lambda xb: features(model, xb, taps), x, batch=batch))  # name -> (N, F_l)
+        fits = {k: Gaussians.fit(v, y) for k, v in f.items()}
+        layers = {k: (g, float(g.distance(f[k]).median())) for k, g in fits.items()} if taps else {}
+        return cls(fits[PENULTIMATE], layers)
+
+    def scores(self, model: nn.Module, x: Tensor, names: Sequence[str], grad: bool = False) -> dict[str, Tensor]:
+        """`mahalanobis` and/or `mahalanobis_layers` (Σ_l d_l(x) / median_train d_l) from one forward
+        pass, float64 (N,) each."""
+        layered = "mahalanobis_layers" in names
+        if layered and not self.layers:
+            raise ValueError("this Mahalanobis fit has no hidden layers: refit with `fisherguard calibrate --fit-mahalanobis N`")
+        f = features(model, x, [k for k in self.layers if k != PENULTIMATE] if layered else [], grad)
+        out = {"mahalanobis": self.penultimate.distance(f[PENULTIMATE])} if "mahalanobis" in names else {}
+        if layered:
+            out["mahalanobis_layers"] = torch.stack([g.distance(f[k]) / scale for k, (g, scale) in self.layers.items()]).sum(0)
+        return out
+
+    def score(self, model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
+        return self.scores(model, x, ["mahalanobis"], grad)["mahalanobis"]
+
+    def layers_score(self, model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
+        return self.scores(model, x, ["mahalanobis_layers"], grad)["mahalanobis_layers"]
+
+    def save(self, path: Path, weights_sha256: str) -> None:
+        """safetensors, tied to the model weights it was fitted for; hidden layers under layer/<name>/
+        (the penultimate layer's Gaussians are the top-level means/precision, stored once)."""
+        from safetensors.torch import save_file
+
+        tensors = {"means": self.penultimate.means.contiguous(), "precision": self.penultimate.precision.contiguous()}
+        for k, (g, scale) in self.layers.items():
+            if k != PENULTIMATE:
+                tensors |= {f"layer/{k}/means": g.means.contiguous(), f"layer/{k}/precision": g.precision.contiguous()}
+            tensors[f"layer/{k}/scale"] = torch.tensor(scale, dtype=torch.float64)
+        save_file(tensors, str(path), {"weights_sha256": weights_sha256, "layers": json.dumps(list(self.layers))})
+
+    @classmethod
+    def load(cls, path: Path) -> tuple["Mahalanobis", str]:
+        """The fit and the weights sha256 it was made for."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            pen = Gaussians(f.get_tensor("means"), f.get_tensor("precision"))
+
+            def gaussians(k: str) -> Gaussians:
+                return pen if k == PENULTIMATE else Gaussians(f.get_tensor(f"layer/{k}/means"), f.get_tensor(f"layer/{k}/precision"))
+
+            layers = {k: (gaussians(k), float(f.get_tensor(f"layer/{k}/scale"))) for k in json.loads(meta.get("layers", "[]"))}
+            return cls(pen, layers), meta.get("weights_sha256", "")
+
+
+def _bit_depth(x: Tensor, bits: int) -> Tensor:
+    levels = 2**bits - 1
+    return (x * levels).round() / levels
+
+
+def _median_2x2(x: Tensor) -> Tensor:
+    """2×2 median filter (the lower median of the window), same size output. (N, C, H, W)."""
+    padded = F.pad(x, (0, 1, 0, 1), mode="replicate")
+    windows = padded.unfold(2, 2, 1).unfold(3, 2, 1).flatten(-2)  # (N, C, H, W, 4)
+    return windows.median(-1).values
+
+
+def feature_squeezing(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
+    """max over squeezers of the L1 distance between predictions. -> (N,) float64.
+    grad=True keeps it differentiable in x for an adaptive attacker: the bit-depth squeezer then passes
+    gradients straight through (BPDA, Athalye et al. 2018); the median filter is differentiable as is."""
+    bits = 1 if x.shape[1] == 1 else 5
+    squeezed = x + (_bit_depth(x, bits) - x).detach() if grad else _bit_depth(x, bits)
+    with torch.set_grad_enabled(grad):
+        p = torch.softmax(model(x), 1)
+        dists = [(p - torch.softmax(model(sq), 1)).abs().sum(1) for sq in (squeezed, _median_2x2(x))]
+    return torch.stack(dists).amax(0).double()
+
+
+def available(mahalanobis: Mahalanobis | None) -> tuple[str, ...]:
+    """The baseline scores a bundle can serve: feature squeezing always, Mahalanobis with its fit."""
+    if mahalanobis is None:
+        return ("feature_squeezing",)
+    return ("feature_squeezing", "mahalanobis", "mahalanobis_layers") if mahalanobis.layers else ("feature_squeezing", "mahalanobis")
+
+
+def baseline_scores(model: nn.Module, x: Tensor, names: Sequence[str], mahalanobis: Mahalanobis | None) -> dict[str, Tensor]:
+    """The requested baseline scores, float64 (N,), on x's device."""
+    out: dict[str, Tensor] = {}
+    if "feature_squeezing" in names:
+        out["feature_squeezing"] = feature_squeezing(model, x)
+    wanted = [n for n in ("mahalanobis", "mahalanobis_layers") if n in names]
+    if wanted:
+        if mahalanobis is None:
+            raise ValueError("this bundle has no mahalanobis.safetensors: fit one with `fisherguard calibrate --fit-mahalanobis N`")
+        out |= mahalanobis.scores(model, x, wanted)  # one forward pass for both
+    return out

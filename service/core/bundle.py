@@ -1,0 +1,152 @@
+"""Model bundles (docs/bundles.md): a directory with card.json, model.safetensors, calibration.json,
+and architecture code importable as `module:factory` (or `./file.py:factory` inside the bundle)."""
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from service.core.baselines import Mahalanobis, available
+from service.core.calibration import Calibration
+from service.core.scores import ENGINE, SCORES, ScoreSpec
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models"
+REQUIRED_CARD = ("name", "version", "architecture", "classes", "input")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be served, with the reason."""
+
+
+@dataclass
+class Bundle:
+    path: Path
+    card: dict[str, Any]
+    model: nn.Module
+    weights_sha256: str
+    calibration: Calibration | None
+    mahalanobis: Mahalanobis | None = None  # the Mahalanobis baseline's fit, when the bundle has one
+
+    @property
+    def scores(self) -> dict[str, ScoreSpec]:
+        """Every score this bundle can compute: the engine's and those of its clean-data detectors."""
+        return {k: SCORES[k] for k in (*ENGINE, *available(self.mahalanobis))}
+
+    @property
+    def name(self) -> str:
+        return str(self.card["name"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card["classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        i = self.card["input"]
+        return int(i["channels"]), int(i["height"]), int(i["width"])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A directory path as given, or the shipped bundle of that name under models/."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p.resolve()
+    if re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", str(name_or_path)) and (SHIPPED / str(name_or_path) / "card.json").is_file():
+        return SHIPPED / str(name_or_path)
+    shipped = sorted(d.name for d in SHIPPED.iterdir() if (d / "card.json").is_file())
+    raise BundleError(f"no bundle {str(name_or_path)!r}: not a directory and not a shipped bundle {shipped}")
+
+
+def _factory(spec: str, root: Path) -> Callable[[], nn.Module]:
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise BundleError(f"architecture {spec!r} must be 'module:factory' or './file.py:factory'")
+    if module_name.startswith("./"):
+        file = (root / module_name).resolve()
+        if root not in file.parents or not file.is_file():
+            raise BundleError(f"architecture file {module_name!r} is not a file inside the bundle {root}")
+        loader = importlib.util.spec_from_file_location(f"fisherguard_bundle_{root.name}", file)
+        assert loader is not None and loader.loader is not None
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise BundleError(f"architecture {spec!r}: {attr!r} is not a callable in {module_name!r}")
+    return factory  # type: ignore[no-any-return]
+
+
+def read_card(root: Path) -> dict[str, Any]:
+    card_path = root / "card.json"
+    if not card_path.is_file():
+        raise BundleError(f"bundle {root} has no card.json")
+    card: dict[str, Any] = json.loads(card_path.read_text())
+    missing = [k for k in REQUIRED_CARD if k not in card]
+    if missing:
+        raise BundleError(f"card.json of {root} lacks {missing}")
+    return card
+
+
+def load_model(root: Path, card: dict[str, Any]) -> tuple[nn.Module, str]:
+    weights = root / "model.safetensors"
+    if not weights.is_file():
+        raise BundleError(f"bundle {root} has no model.safetensors (weights are only read from safetensors)")
+    digest = sha256_file(weights)
+    if card.get("weights_sha256") not in (None, digest):
+        raise BundleError(f"model.safetensors has sha256 {digest}, card.json says {card['weights_sha256']}")
+    model = _factory(str(card["architecture"]), root)()
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval(), digest
+
+
+def load_calibration(root: Path, digest: str) -> Calibration | None:
+    path = root / "calibration.json"
+    if not path.is_file():
+        return None
+    cal = Calibration.load(path)
+    if cal.weights_sha256 != digest:
+        raise BundleError(
+            f"{path} was made for weights with sha256 {cal.weights_sha256}, but model.safetensors has "
+            f"sha256 {digest}: recalibrate with `fisherguard calibrate`"
+        )
+    return cal
+
+
+def load_bundle(name_or_path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Loads a bundle: `mnist` / `cifar10` by name, or a directory."""
+    root = resolve(name_or_path)
+    card = read_card(root)
+    model, digest = load_model(root, card)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return Bundle(root, card, model.to(device), digest, load_calibration(root, digest), load_mahalanobis(root, digest))
+
+
+def load_mahalanobis(root: Path, digest: str) -> Mahalanobis | None:
+    path = root / "mahalanobis.safetensors"
+    if not path.is_file():
+        return None
+    fit, made_for = Mahalanobis.load(path)
+    if made_for != digest:
+        raise BundleError(
+            f"{path} was fitted for weights with sha256 {made_for!r}, not {digest}: refit with `fisherguard calibrate --fit-mahalanobis N`"
+        )
+    return fit

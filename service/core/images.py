@@ -1,0 +1,81 @@
+"""Decoding image bytes into the (C, H, W) float tensor a bundle's model expects (docs/bundles.md#input)."""
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with a machine-readable code: `bad_image`, `payload_too_large`
+    or `unsupported_media_type` (the HTTP layer maps codes to statuses)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def bad_image(message: str) -> ImageError:
+    return ImageError("bad_image", message)
+
+FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"}
+Image.MAX_IMAGE_PIXELS = None  # the service's own limit (max_pixels) is checked from the header, before decoding
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise bad_image("the image is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise bad_image(f"cannot decode the image ({len(data)} bytes): {e}") from None
+    if img.format not in FORMATS:
+        raise ImageError("unsupported_media_type", f"image format {img.format!r} is not accepted; use one of {sorted(FORMATS)}")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError("payload_too_large", f"image is {w}x{h} = {w * h} pixels, the limit is {max_pixels}")
+    return img
+
+
+def _to_mode(img: Image.Image, channels: int, background: int) -> Image.Image:
+    """Grayscale or RGB, transparency composited on the background grey level."""
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / (257.0 if arr.max() > 255 else 1.0), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        base = Image.new("RGBA", img.size, (background,) * 3 + (255,))
+        img = Image.alpha_composite(base, img.convert("RGBA"))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def decode(data: bytes, channels: int, height: int, width: int, resize: str, background: int, max_pixels: int) -> torch.Tensor:
+    """Bytes -> (channels, height, width) float32 in [0, 1]. Other sizes are resized (or rejected
+    when the card says resize: "reject")."""
+    img = _open(data, max_pixels)
+    try:
+        img.seek(0)
+        img = _to_mode(img, channels, background)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise bad_image(f"cannot decode the image ({len(data)} bytes): {e}") from None
+    if img.size != (width, height):
+        if resize == "reject":
+            raise bad_image(f"image is {img.size[0]}x{img.size[1]}, the model takes {width}x{height}")
+        img = img.resize((width, height), RESAMPLE[resize], reducing_gap=3.0)
+    arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
+    t = torch.from_numpy(arr.reshape(height, width, channels)).permute(2, 0, 1).contiguous()
+    if not torch.isfinite(t).all():
+        raise bad_image("preprocessing produced non-finite values")
+    return t
+
+
+def encode_png(x: torch.Tensor) -> bytes:
+    """(C, H, W) in [0, 1] -> PNG bytes, 8-bit."""
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, "PNG")
+    return buf.getvalue()

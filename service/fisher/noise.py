@@ -1,0 +1,26 @@
+"""The neighbourhood form of the input Fisher (docs/fisher.md#neighbourhood): the mean KL divergence
+between the prediction at x and at seeded Gaussian perturbations of x; ≈ ½σ² tr G_x for small σ."""
+
+import hashlib
+
+import torch
+from torch import Tensor, nn
+
+
+def image_seed(x1: Tensor) -> int:
+    """A seed from the image's float32 bytes: the same image always draws the same noise."""
+    return int.from_bytes(hashlib.sha256(x1.detach().float().cpu().numpy().tobytes()).digest()[:8], "little")
+
+
+def seeded_noise(x: Tensor, samples: int) -> Tensor:
+    """η ~ N(0, I) per image, seeded by the image. (N, C, H, W) -> (N, M, C, H, W) on x's device."""
+    draws = [torch.randn((samples, *x.shape[1:]), generator=torch.Generator().manual_seed(image_seed(x1))) for x1 in x]
+    return torch.stack(draws).to(x.device)
+
+
+@torch.no_grad()
+def noise_kl(model: nn.Module, x: Tensor, log_p: Tensor, sigma: float, samples: int) -> Tensor:
+    """(1/M) Σ_m KL(p(x) ‖ p(clip₀¹(x + σ η_m))). x (N, C, H, W), log_p (N, K) float64 -> (N,) float64."""
+    xs = (x.detach()[:, None] + sigma * seeded_noise(x, samples)).clamp(0.0, 1.0).flatten(0, 1)  # (N·M, C, H, W)
+    log_q = torch.log_softmax(model(xs).double(), dim=1).view(len(x), samples, -1)  # (N, M, K)
+    return (log_p.exp()[:, None] * (log_p[:, None] - log_q)).sum(2).mean(1)

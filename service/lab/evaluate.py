@@ -1,0 +1,169 @@
+"""`fisherguard evaluate`: detection quality as docs/detection.md#protocol defines it.
+
+Clean = images of the chosen half the model classifies correctly. Each attack runs on (a seeded subset
+of) them; adversarial images are quantised to 8 bits and kept only if still misclassified. Per
+attack and score: ROC-AUC (clean vs adversarial, bootstrap 95% interval), TPR at the calibrated
+thresholds, the realised clean FPR, and the rate of attacks that succeed unflagged.
+"""
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.core import decision
+from service.core.baselines import Mahalanobis
+from service.core.batches import cat_batches, device_of
+from service.core.bundle import Bundle
+from service.core.calibration import conformal_p_value
+from service.core.scores import DETECTORS, SCORES
+from service.core.scoring import predict, score_dataset
+from service.lab import attacks
+from service.lab.attack_specs import Attack
+from service.lab.data import Dataset, load_dataset, load_train_subset, seeded_pick
+from service.lab.stats import bootstrap_auc, roc_auc, roc_points
+
+ALPHAS = (0.05, 0.01)  # the α a report measures TPR at: the detection goal's and the service's default
+
+
+@dataclass
+class Extra:
+    """Clean-data detectors the bundle's calibration lacks, fitted and calibrated by the harness:
+    scored with `bundle` (the bundle with the harness's own fits), calibrated on `calibration` (the
+    bundle's calibration half; none when the run itself is on that half)."""
+
+    bundle: Bundle
+    names: list[str]
+    calibration: Dataset | None
+
+
+def extra_detectors(bundle: Bundle, names: Sequence[str], data: Path, train_subset: int, split: str) -> Extra | None:
+    """The requested detectors that the calibration lacks; Mahalanobis is fitted on `train_subset`
+    seeded training images when the bundle has no fit with the layers asked for."""
+    unknown = [n for n in names if n not in DETECTORS]
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; known: {', '.join(DETECTORS)}")
+    cal = bundle.calibration
+    assert cal is not None
+    missing = [n for n in names if n not in cal.values]
+    if not missing:
+        return None
+    fit = bundle.mahalanobis
+    if any(n.startswith("mahalanobis") for n in missing):
+        fit = Mahalanobis.fit(bundle.model, *load_train_subset(data, train_subset))
+    half = load_dataset(data, "calibration", bundle.classes, bundle.input_shape) if split == "evaluation" else None
+    return Extra(dataclasses.replace(bundle, mahalanobis=fit), missing, half)
+
+
+def run_attack(attack: Attack, bundle: Bundle, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+    """The attack on (x, y) in batches on the model's device, 8-bit quantised, on the CPU."""
+    model = bundle.model
+    return attacks.quantise(cat_batches(lambda xb, yb: attack.run(model, xb, yb), x, y, batch=batch, device=device_of(model)))
+
+
+def _rows(cal: dict[str, np.ndarray], clean: dict[str, np.ndarray], adv: dict[str, np.ndarray], alphas: Sequence[float]) -> dict[str, Any]:
+    """Per score: AUC with a bootstrap interval, and TPR / realised FPR at conformal thresholds."""
+    rows = {}
+    for name in cal:
+        c, a, direction = clean[name], adv[name], SCORES[name].direction
+        pc, pa = conformal_p_value(cal[name], c, direction), conformal_p_value(cal[name], a, direction)
+        sign = 1.0 if direction == "high" else -1.0
+        lo, hi = bootstrap_auc(sign * c, sign * a)
+        rows[name] = {
+            "auc": roc_auc(sign * c, sign * a),
+            "auc_ci95": [lo, hi],
+            "roc": roc_points(sign * c, sign * a),
+            **decision.rates(pa, alphas, "tpr"),
+            **decision.rates(pc, alphas, "fpr"),
+        }
+    return rows
+
+
+def _score(bundle: Bundle, extra: Extra | None, x: torch.Tensor, batch: int, progress: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The calibrated scores (and the harness's extra ones) of x, and the predictions."""
+    cal = bundle.calibration
+    assert cal is not None
+    values, pred = score_dataset(bundle, x, sorted(cal.values), batch, progress)
+    if extra is not None:
+        values |= score_dataset(extra.bundle, x, extra.names, batch, progress)[0]
+    return values, pred
+
+
+def evaluate(
+    bundle: Bundle,
+    data: Dataset,
+    attack_list: Sequence[Attack],
+    limit: int | None,
+    alphas: Sequence[float] = ALPHAS,
+    batch_size: int = 64,
+    progress: bool = False,
+    extra: Extra | None = None,
+) -> dict[str, Any]:
+    """The report: clean FPR per score, and per attack its success, distortion and detection rows."""
+    cal = bundle.calibration
+    if cal is None:
+        raise ValueError(f"bundle {bundle.name} has no calibration.json; run `fisherguard calibrate` first")
+    clean, pred = _score(bundle, extra, data.x, batch_size, progress)
+    ok = pred == data.y.numpy()
+    x, y = data.x[ok], data.y[ok]
+    clean = {k: v[ok] for k, v in clean.items()}
+    cal_values = dict(cal.values)
+    if extra is not None and extra.calibration is not None:  # the extra detectors' own clean calibration
+        cx, cy = extra.calibration.x, extra.calibration.y
+        keep = predict(bundle, cx) == cy
+        cal_values |= {k: np.sort(v) for k, v in score_dataset(extra.bundle, cx[keep], extra.names, batch_size)[0].items()}
+    pick = torch.from_numpy(seeded_pick(len(x), limit))
+    x, y = x[pick], y[pick]
+    p_clean = cal.decision_p_value(clean)
+    per_image: dict[str, np.ndarray] = {f"clean/{k}": v for k, v in clean.items()} | {f"calibration/{k}": v for k, v in cal_values.items()}
+    report: dict[str, Any] = {
+        "per_image": per_image,  # thresholded-form values per image, for offline analysis (write() puts them in scores.npz)
+        "bundle": {"name": bundle.name, "version": bundle.card["version"], "weights_sha256": bundle.weights_sha256},
+        "data": data.description,
+        "calibration": cal.summary() | {"scores": None},
+        "baselines": sorted(extra.names) if extra else [],
+        "clean": {
+            "n": int(ok.sum()),
+            "decision_fpr": {str(a): decision.flag_rate(p_clean, a) for a in alphas},
+            "fpr": {
+                k: {str(a): decision.flag_rate(conformal_p_value(v, clean[k], SCORES[k].direction), a) for a in alphas}
+                for k, v in cal_values.items()
+            },
+        },
+        "attacked_images": len(x),
+        "attacks": {},
+    }
+    for attack in attack_list:
+        t0 = time.time()
+        adv = run_attack(attack, bundle, x, y, batch_size)
+        adv_pred = predict(bundle, adv)
+        hit = torch.ones_like(y, dtype=torch.bool) if attack.control else adv_pred != y  # controls keep every image
+        delta = (adv - x)[hit].flatten(1)
+        adv_scores, _ = _score(bundle, extra, adv[hit], batch_size, progress)
+        per_image |= {f"{attack.name}/{k}": v for k, v in adv_scores.items()}
+        p_adv = cal.decision_p_value(adv_scores)
+        stat = decision.rates(p_adv, alphas, "tpr") | decision.rates(p_clean, alphas, "fpr")
+        stat["auc"] = roc_auc(-cal.decision_rank(clean), -cal.decision_rank(adv_scores)) if len(p_adv) else float("nan")
+        success = float((adv_pred != y).float().mean())
+        report["attacks"][attack.name] = {
+            "control": attack.control,
+            "success_rate": success,
+            "n_successful": int(hit.sum()),
+            "median_l2": float(delta.norm(dim=1).median()) if len(delta) else None,
+            "median_linf": float(delta.abs().amax(1).median()) if len(delta) else None,
+            "decision": stat,
+            "unflagged_success_rate": {str(a): success * (1 - stat[f"tpr@{a}"]) for a in alphas},
+            "flag_rate_by_predicted_class": _flags_by_class(p_adv, adv_pred[hit].numpy(), alphas[0]),
+            "scores": _rows(cal_values, clean, adv_scores, alphas),
+            "seconds": round(time.time() - t0, 1),
+        }
+    return report
+
+
+def _flags_by_class(p: np.ndarray, predicted: np.ndarray, alpha: float) -> dict[str, float]:
+    return {str(c): decision.flag_rate(p[predicted == c], alpha) for c in np.unique(predicted)}

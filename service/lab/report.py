@@ -1,0 +1,85 @@
+"""An evaluation report as files: report.json, report.md, scores.npz (every image's values) and ROC plots."""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.lab.evaluate import ALPHAS
+
+
+def markdown(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> str:
+    lines = [
+        f"# Detection report: {report['bundle']['name']}",
+        "",
+        f"Data: {report['data']}; clean evaluation images: {report['clean']['n']}; attacked: {report['attacked_images']}.",
+        "",
+    ]
+    parts = report["calibration"].get("components")
+    named = ", ".join(f"`{c['score']}` ({c['tail']})" for c in parts or [])
+    combo = f" = the smallest p-value of {named}, itself calibrated" if parts else ""
+    lines += [f"Decision statistic: `{report['calibration']['statistic']}`{combo} (calibration n = {report['calibration']['n']}).", ""]
+    for name, a in report["attacks"].items():
+        d = a["decision"]
+        lines += [
+            f"## {name}",
+            "",
+            f"success {a['success_rate']:.3f} ({a['n_successful']} images), median L2 {a['median_l2'] or float('nan'):.3f}, median L∞ {a['median_linf'] or float('nan'):.3f}",
+            "",
+        ]
+        lines += [
+            "Decision ("
+            + report["calibration"]["tail"]
+            + "): "
+            + ", ".join(f"TPR@{al} {d[f'tpr@{al}']:.3f} (clean FPR {d[f'fpr@{al}']:.3f})" for al in alphas)
+            + (f", ROC-AUC {d['auc']:.3f}" if "auc" in d else ""),
+            "",
+            f"Flag rate at α = {alphas[0]} by predicted class: "
+            + ", ".join(f"{c}: {v:.3f}" for c, v in a.get("flag_rate_by_predicted_class", {}).items()),
+            "",
+        ]
+        head = "| score | AUC [95% CI] | " + " | ".join(f"TPR@{al} | FPR@{al}" for al in alphas) + " |"
+        lines += [head, "|" + "---|" * (2 + 2 * len(alphas))]
+        for s, r in sorted(a["scores"].items(), key=lambda kv: -kv[1]["auc"]):
+            cells = " | ".join(f"{r[f'tpr@{al}']:.3f} | {r[f'fpr@{al}']:.3f}" for al in alphas)
+            lines.append(f"| `{s}` | {r['auc']:.3f} [{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | {cells} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_roc(report: dict[str, Any], out: Path, top: int = 6) -> None:
+    """One PNG of ROC curves per attack (the best `top` scores and every baseline); needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install '.[eval]'): no ROC plots")
+        return
+    for name, a in report["attacks"].items():
+        rows = sorted(a["scores"].items(), key=lambda kv: -kv[1]["auc"])
+        shown = rows[:top] + [kv for kv in rows[top:] if kv[0] in report.get("baselines", [])]
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for score, r in shown:
+            ax.plot(
+                r["roc"][0], r["roc"][1], label=f"{score} ({r['auc']:.3f})", linestyle="--" if score in report.get("baselines", []) else "-"
+            )
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+        ax.set(xlabel="clean false-positive rate", ylabel="adversarial true-positive rate", title=f"{report['bundle']['name']}: {name}")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / f"roc-{name.replace(':', '_').replace('/', '-')}.png", dpi=100)
+        plt.close(fig)
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    """report.json, report.md, and scores.npz (every image's score values, keyed attack/score)."""
+    out.mkdir(parents=True, exist_ok=True)
+    per_image = report.get("per_image", {})
+    np.savez_compressed(out / "scores.npz", **per_image)  # type: ignore[arg-type]
+    report = {k: v for k, v in report.items() if k != "per_image"}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(report))

@@ -1,0 +1,108 @@
+"""Request ids, API-key authentication, security headers and JSON access logs, as one pure ASGI
+middleware. Logs carry no bodies and no keys."""
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.serve.settings import Settings
+
+log = logging.getLogger("fisherguard.access")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' data:; style-src 'self'; "
+    "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+def key_ok(header: str | None, keys: list[str]) -> bool:
+    """`Bearer <key>` against every configured key in constant time (no early exit)."""
+    if not header or not header.startswith("Bearer "):
+        return False
+    given = header[len("Bearer ") :].encode()
+    return sum(hmac.compare_digest(given, k.encode()) for k in keys) > 0
+
+
+def _error(status: int, code: str, message: str, request_id: str) -> tuple[Message, Message]:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="fisherguard"'))
+    return {"type": "http.response.start", "status": status, "headers": headers}, {"type": "http.response.body", "body": body}
+
+
+class AccessControl:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings, self.keys = app, settings, settings.keys()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path, t0, status = scope["path"], time.perf_counter(), 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                h = MutableHeaders(scope=message)
+                h["x-request-id"] = request_id
+                h["x-content-type-options"] = "nosniff"
+                if path == "/":
+                    h["content-security-policy"] = PAGE_CSP
+                    h["x-frame-options"] = "DENY"
+                    h["referrer-policy"] = "no-referrer"
+            await send(message)
+
+        try:
+            if self.keys and not self.settings.public(path) and not key_ok(headers.get(b"authorization", b"").decode("latin-1"), self.keys):
+                start, body = _error(401, "unauthorized", "this server needs an API key: send `Authorization: Bearer <key>`", request_id)
+                await send_wrapper(start)
+                await send(body)
+                return
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": path,
+                        "status": status,
+                        "duration_ms": round(1000 * (time.perf_counter() - t0), 2),
+                        "client": (scope.get("client") or ("", 0))[0],
+                    }
+                },
+            )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `fields` passed in `extra`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter() if settings.log_format == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())

@@ -1,0 +1,150 @@
+"""The micro-batcher (docs/architecture.md#batching): a bounded queue of images, one worker thread
+that runs a predict callable, futures for results.
+
+A batch closes when it holds max_batch_size images or when the oldest waiting image has waited
+max_delay; images whose request has expired or gone are dropped before compute. Admission of a
+multi-image request is all-or-nothing. The event loop never runs torch work.
+"""
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from service.serve.detector import Outcome
+from service.serve.errors import ServiceError
+from service.serve.metrics import Metrics
+
+RunBatch = Callable[[torch.Tensor, Sequence[str], Sequence[str]], list[Outcome]]
+
+
+@dataclass
+class Job:
+    x: torch.Tensor  # (C, H, W)
+    scores: frozenset[str]
+    heatmaps: frozenset[str]
+    deadline: float  # time.monotonic()
+    future: asyncio.Future[Outcome]
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+    compute_s: float = 0.0
+
+
+class Batcher:
+    def __init__(self, run_batch: RunBatch, max_batch: int, max_delay_s: float, max_queue: int, metrics: Metrics) -> None:
+        self.run_batch, self.max_batch, self.max_delay_s, self.max_queue = run_batch, max_batch, max_delay_s, max_queue
+        self.metrics = metrics
+        self.queue: deque[Job] = deque()
+        self.wakeup = asyncio.Event()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisherguard-engine")
+        self.task: asyncio.Task[None] | None = None
+        self.closing = False
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop(), name="fisherguard-batcher")
+        self.task.add_done_callback(self._on_exit)
+
+    def _on_exit(self, task: asyncio.Task[None]) -> None:
+        """If the loop ever ends while the service runs (it should not), it is restarted; /readyz
+        answers 503 until then."""
+        if not self.closing:
+            self.start()
+
+    def submit(self, images: Sequence[torch.Tensor], scores: frozenset[str], heatmaps: frozenset[str], deadline: float) -> list[Job]:
+        """Queues all images of one request, or none: 503 when the queue cannot take them all."""
+        if self.closing:
+            raise ServiceError(503, "shutting_down", "the service is shutting down", retry_after=1)
+        if len(self.queue) + len(images) > self.max_queue:
+            raise ServiceError(
+                503, "overloaded", f"queue holds {len(self.queue)} of {self.max_queue} images; {len(images)} more do not fit", retry_after=1
+            )
+        loop = asyncio.get_running_loop()
+        jobs = [Job(x, scores, heatmaps, deadline, loop.create_future()) for x in images]
+        self.queue.extend(jobs)
+        self.metrics.queue_depth.set(len(self.queue))
+        self.wakeup.set()
+        return jobs
+
+    async def _loop(self) -> None:
+        while not (self.closing and not self.queue):
+            batch: list[Job] = []
+            try:
+                batch = await self._collect()
+                if batch:
+                    await self._run(batch)
+            except Exception as e:  # noqa: BLE001 - the loop must survive anything
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_result(ServiceError(500, "internal_error", f"batch failed: {type(e).__name__}: {e}"))
+
+    async def _collect(self) -> list[Job]:
+        """Waits for work, then up to max_delay from the oldest image while the batch is not full."""
+        while not self.queue:
+            if self.closing:
+                return []
+            self.wakeup.clear()
+            await self.wakeup.wait()
+        close_at = self.queue[0].enqueued + self.max_delay_s
+        while len(self.queue) < self.max_batch and (remaining := close_at - time.monotonic()) > 0 and not self.closing:
+            self.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+        batch: list[Job] = []
+        now = time.monotonic()
+        while self.queue and len(batch) < self.max_batch:
+            job = self.queue.popleft()
+            if job.future.done():  # the request was cancelled: client gone or deadline passed
+                self.metrics.dropped.labels("cancelled").inc()
+            elif job.deadline <= now:
+                self.metrics.dropped.labels("deadline").inc()
+                job.future.set_result(
+                    ServiceError(503, "queue_timeout", "the request's deadline passed while it was queued", retry_after=1)
+                )
+            else:
+                job.started = now
+                batch.append(job)
+        self.metrics.queue_depth.set(len(self.queue))
+        return batch
+
+    async def _run(self, batch: list[Job]) -> None:
+        scores = sorted(frozenset().union(*(j.scores for j in batch)))
+        heatmaps = sorted(frozenset().union(*(j.heatmaps for j in batch)))
+        x = torch.stack([j.x for j in batch])
+        t0 = time.monotonic()
+        outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, x, scores, heatmaps)
+        elapsed = time.monotonic() - t0
+        m = self.metrics
+        m.batches.inc()
+        m.batch_size.observe(len(batch))
+        m.compute_seconds.observe(elapsed)
+        for job, outcome in zip(batch, outcomes, strict=True):
+            m.queue_wait.observe(job.started - job.enqueued)
+            m.images.labels("ok" if not isinstance(outcome, ServiceError) else "error").inc()
+            job.compute_s = elapsed
+            if not job.future.done():
+                job.future.set_result(outcome)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stops admitting; queued and running images finish within timeout_s, then the loop ends."""
+        self.closing = True
+        self.wakeup.set()
+        if self.task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.task), timeout_s)
+            except TimeoutError:
+                self.task.cancel()
+        for job in self.queue:
+            if not job.future.done():
+                job.future.set_result(ServiceError(503, "shutting_down", "the service shut down before this image ran", retry_after=1))
+        self.queue.clear()
+        self.executor.shutdown(wait=False)

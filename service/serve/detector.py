@@ -1,0 +1,68 @@
+"""One batch of images through the bundle's scoring, with failures confined to the images that cause
+them. The batcher's predict callable; it runs on the batcher's worker thread, never on the event loop."""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.core.bundle import Bundle
+from service.core.scoring import score
+from service.serve.errors import ServiceError
+
+
+@dataclass
+class ImageResult:
+    predicted: int
+    confidence: float
+    scores: dict[str, float]  # raw values
+    heatmaps: dict[str, np.ndarray]  # (H, W)
+
+
+Outcome = ImageResult | ServiceError
+
+
+class Detector:
+    """Scores batches for a bundle; splits a failing batch to isolate bad images and CUDA OOMs."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.batch_ceiling: int | None = None  # lowered after CUDA out-of-memory
+
+    def run(self, x: torch.Tensor, scores: Sequence[str], heatmaps: Sequence[str]) -> list[Outcome]:
+        """x (B, C, H, W) on the CPU -> one outcome per image."""
+        step = self.batch_ceiling or len(x)
+        out: list[Outcome] = []
+        for i in range(0, len(x), step):
+            out += self._isolated(x[i : i + step], scores, heatmaps)
+        return out
+
+    def _isolated(self, x: torch.Tensor, scores: Sequence[str], heatmaps: Sequence[str]) -> list[Outcome]:
+        try:
+            return self._score(x, scores, heatmaps)
+        except torch.OutOfMemoryError:
+            if len(x) == 1:
+                return [ServiceError(503, "overloaded", "the accelerator ran out of memory for this image")]
+            self.batch_ceiling = max(1, len(x) // 2)
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - a model may raise anything; it must fail only its own image
+            if len(x) == 1:
+                return [ServiceError(422, "model_error", f"the model failed on this image: {type(e).__name__}: {e}")]
+        half = len(x) // 2
+        return self._isolated(x[:half], scores, heatmaps) + self._isolated(x[half:], scores, heatmaps)
+
+    def _score(self, x: torch.Tensor, scores: Sequence[str], heatmaps: Sequence[str]) -> list[Outcome]:
+        r = score(self.bundle, x, scores, heatmaps)
+        conf = r.confidence.tolist()
+        vals = {k: v.tolist() for k, v in r.raw.items()}
+        maps = {k: v.numpy() for k, v in r.heatmaps.items()}
+        out: list[Outcome] = []
+        for i, y in enumerate(r.predicted.tolist()):
+            row = {k: v[i] for k, v in vals.items()}
+            if not all(math.isfinite(v) for v in row.values()) or not all(np.isfinite(m[i]).all() for m in maps.values()):
+                out.append(ServiceError(422, "non_finite", "the model produced non-finite values for this image"))
+                continue
+            out.append(ImageResult(int(y), float(conf[i]), row, {k: m[i] for k, m in maps.items()}))
+        return out

@@ -1,0 +1,67 @@
+"""The one error type of the service: an HTTP status, a machine-readable code and a message
+(docs/api.md#errors), and its JSON rendering."""
+
+import logging
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service.core.images import ImageError
+from service.serve.metrics import Metrics
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+IMAGE_STATUS = {"bad_image": 400, "payload_too_large": 413, "unsupported_media_type": 415}
+
+
+@dataclass
+class ServiceError(Exception):
+    """Rendered as {"error": {"code": code, "message": message}} with the given status."""
+
+    status: int
+    code: str
+    message: str
+    retry_after: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+def bad_request(message: str) -> ServiceError:
+    return ServiceError(400, "bad_request", message)
+
+
+def from_image_error(e: ImageError) -> ServiceError:
+    return ServiceError(IMAGE_STATUS[e.code], e.code, e.message)
+
+
+def error_response(e: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    return JSONResponse({"error": {"code": e.code, "message": e.message}}, status_code=e.status, headers=headers)
+
+
+def install_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every error, ours or the framework's, as the service's JSON error body, counted by code."""
+    log = logging.getLogger("fisherguard")
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, e: ServiceError) -> JSONResponse:
+        metrics.errors.labels(e.code).inc()
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        detail = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})" for err in e.errors())
+        return await service_error(request, ServiceError(422, "validation_error", detail))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(e.status_code, "bad_request" if e.status_code < 500 else "internal_error")
+        return await service_error(request, ServiceError(e.status_code, code, f"{request.method} {request.url.path}: {e.detail}"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return await service_error(request, ServiceError(500, "internal_error", f"{type(e).__name__}: a bug in the service"))

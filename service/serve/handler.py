@@ -1,0 +1,120 @@
+"""The detect handler (docs/api.md#detect): what a request asks for, its images through the batcher,
+and each image's verdict from `service.core.decision`. The routes parse and shape; this decides."""
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import Request
+
+from service.core import decision
+from service.core.scores import DEFAULT, thresholded_all
+from service.fisher import HEATMAPS
+from service.serve.batcher import Job
+from service.serve.detector import ImageResult, Outcome
+from service.serve.errors import ServiceError, bad_request
+from service.serve.state import State
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What one detect request asks for, validated."""
+
+    scores: tuple[str, ...]  # shown in the response; the decision's scores are always computed
+    heatmaps: tuple[str, ...]
+    alpha: float
+    deadline: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One image's verdict: the outcome, its shown scores and their p-values, the decision p-value and flag."""
+
+    result: ImageResult
+    scores: dict[str, float]
+    p_values: dict[str, float]
+    p_value: float
+    flagged: bool
+
+
+def names(raw: str | None, known: dict[str, Any] | tuple[str, ...], what: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma list (or `all`) of known names; 400 naming the unknown ones."""
+    if raw is None or raw == "":
+        return default
+    if raw == "all":
+        return tuple(known)
+    picked = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    bad = [n for n in picked if n not in known]
+    if bad:
+        raise bad_request(f"unknown {what} {bad}; known: {sorted(known)}")
+    return picked
+
+
+def ask(state: State, scores: str | None, heatmaps: str | None, alpha: float | None, timeout_ms: float | None, t0: float) -> Ask:
+    """Validates a request's query against the bundle, the settings and the calibration."""
+    bundle, s = state.bundle, state.settings
+    assert bundle is not None and bundle.calibration is not None
+    shown = tuple(dict.fromkeys((*names(scores, bundle.scores, "scores", DEFAULT), *bundle.calibration.decision_scores)))
+    maps = names(heatmaps, HEATMAPS, "heatmaps", ())
+    if maps and not s.expose_details:
+        raise ServiceError(403, "forbidden", "this server does not return heatmaps (expose_details is off)")
+    a = alpha if alpha is not None else (s.alpha or bundle.calibration.alpha)
+    if not s.min_alpha <= a <= s.max_alpha:
+        raise ServiceError(422, "validation_error", f"alpha {a} is outside [{s.min_alpha}, {s.max_alpha}]")
+    deadline = t0 + min(timeout_ms or float("inf"), s.request_timeout_ms) / 1000
+    return Ask(shown, maps, a, deadline)
+
+
+async def run(state: State, request: Request, images: list[torch.Tensor | ServiceError], spec: Ask) -> tuple[list[Outcome], list[Job]]:
+    """Queues the decoded images (all or none), waits for them, and returns one outcome per slot."""
+    assert state.batcher is not None
+    good = [x for x in images if isinstance(x, torch.Tensor)]
+    jobs = state.batcher.submit(good, frozenset(spec.scores), frozenset(spec.heatmaps), spec.deadline)
+    await _await_jobs(request, jobs, spec.deadline)
+    done = iter(j.future.result() for j in jobs)
+    return [next(done) if isinstance(x, torch.Tensor) else x for x in images], jobs
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _await_jobs(request: Request, jobs: list[Job], deadline: float) -> None:
+    """Waits for the images; a disconnect or the deadline cancels them (queued work is then dropped)."""
+    pending: set[asyncio.Future[Any]] = {j.future for j in jobs}
+    gone = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        while pending:
+            finished, _ = await asyncio.wait(
+                pending | {gone}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not finished or gone in finished:
+                for j in jobs:
+                    j.future.cancel()
+                if gone in finished:
+                    raise ServiceError(499, "client_closed_request", "the client disconnected")
+                raise ServiceError(503, "queue_timeout", "the request's deadline passed before its images were scored", retry_after=1)
+            pending -= finished
+    finally:
+        gone.cancel()
+
+
+def judge(state: State, result: ImageResult, spec: Ask) -> Judged:
+    """The decision for one scored image, counted in the metrics; details withheld when configured."""
+    assert state.bundle is not None and state.bundle.calibration is not None
+    cal = state.bundle.calibration
+    t = thresholded_all(result.scores)
+    verdict = decision.decide(cal, {k: t[k].reshape(1) for k in cal.decision_scores}, spec.alpha)
+    p, flagged = float(verdict.p_value[0]), bool(verdict.flagged[0])
+    state.metrics.p_value.observe(p)
+    if flagged:
+        state.metrics.flagged.inc()
+    shown = {k: result.scores[k] for k in spec.scores}
+    pv = {k: float(np.asarray(v)) for k, v in decision.score_p_values(cal, {k: t[k] for k in spec.scores}).items()}
+    if not state.settings.expose_details:  # gradient information helps an adaptive attacker
+        shown, pv = {}, {}
+    return Judged(result, shown, pv, p, flagged)

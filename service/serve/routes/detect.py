@@ -1,0 +1,75 @@
+"""POST /v1/detect (docs/api.md#detect): parse the query and the images, delegate, shape the JSON."""
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from service.fisher import HEATMAPS
+from service.serve import handler
+from service.serve import heatmaps as heatmap_png
+from service.serve.detector import Outcome
+from service.serve.errors import ServiceError
+from service.serve.schemas import ERRORS, IMAGE_BODY, DetectResponse
+from service.serve.state import State, StateDep
+from service.serve.uploads import decode_all, uploads
+
+router = APIRouter()
+
+
+@router.post("/v1/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=IMAGE_BODY)
+async def detect(
+    request: Request,
+    state: StateDep,
+    heatmaps: str | None = Query(None, description=f"comma list of {', '.join(HEATMAPS)}"),
+    scores: str | None = Query(None, description="`all` or a comma list; the decision statistic is always included"),
+    alpha: float | None = Query(None, description="false-positive rate to flag at (overrides the calibration's)"),
+    timeout_ms: float | None = Query(None, gt=0, description="shorter deadline for this request"),
+) -> JSONResponse:
+    t0 = time.monotonic()
+    state.check_ready()
+    state.inflight += 1
+    try:
+        spec = handler.ask(state, scores, heatmaps, alpha, timeout_ms, t0)
+        assert state.bundle is not None
+        files = await uploads(request, state.settings)
+        images = await decode_all(files, state.bundle, state.settings)
+        if len(images) == 1 and isinstance(images[0], ServiceError):
+            raise images[0]
+        outcomes, jobs = await handler.run(state, request, images, spec)
+        if len(outcomes) == 1 and isinstance(outcomes[0], ServiceError):
+            raise outcomes[0]
+        results = [_result(state, i, name, o, spec) for i, ((name, _), o) in enumerate(zip(files, outcomes, strict=True))]
+    finally:
+        state.inflight -= 1
+    timing = {
+        "queue": 1000 * max((j.started - j.enqueued for j in jobs), default=0.0),
+        "compute": 1000 * max((j.compute_s for j in jobs), default=0.0),
+        "total": 1000 * (time.monotonic() - t0),
+    }
+    model = {"name": state.bundle.name, "version": state.bundle.card["version"], "device": state.device}
+    return JSONResponse({"model": model, "results": results, "timing_ms": timing})
+
+
+def _result(state: State, index: int, filename: str | None, outcome: Outcome, spec: handler.Ask) -> dict[str, Any]:
+    if isinstance(outcome, ServiceError):
+        state.metrics.errors.labels(outcome.code).inc()
+        return {"index": index, "filename": filename, "status": "error", "error": {"code": outcome.code, "message": outcome.message}}
+    j = handler.judge(state, outcome, spec)
+    assert state.bundle is not None and state.bundle.calibration is not None
+    cal = state.bundle.calibration
+    return {
+        "index": index,
+        "filename": filename,
+        "status": "ok",
+        "predicted_class": outcome.predicted,
+        "label": state.bundle.classes[outcome.predicted],
+        "confidence": outcome.confidence,
+        "scores": j.scores,
+        "p_values": j.p_values,
+        "decision": {"statistic": cal.statistic, "tail": cal.tail}
+        | ({"components": cal.components} if cal.combination else {})
+        | {"p_value": j.p_value, "alpha": spec.alpha, "flagged": j.flagged},
+        "heatmaps": {k: heatmap_png.encode(v) for k, v in outcome.heatmaps.items()},
+    }

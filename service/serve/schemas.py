@@ -1,0 +1,77 @@
+"""Response shapes of the HTTP API (docs/api.md), for validation and the OpenAPI page."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    device: str
+
+
+class Decision(BaseModel):
+    statistic: str
+    tail: Literal["one-sided", "two-sided"]
+    components: list[dict[str, str]] | None = None  # a combined decision's scores and tails
+    p_value: float
+    alpha: float
+    flagged: bool
+
+
+class Heatmap(BaseModel):
+    png_base64: str
+    shape: list[int]
+    min: float
+    max: float
+
+
+class ImageVerdict(BaseModel):
+    index: int
+    filename: str | None
+    status: Literal["ok", "error"]
+    predicted_class: int | None = None
+    label: str | None = None
+    confidence: float | None = None
+    scores: dict[str, float] | None = None
+    p_values: dict[str, float] | None = None
+    decision: Decision | None = None
+    heatmaps: dict[str, Heatmap] | None = None
+    error: ErrorBody | None = None
+
+
+class Timing(BaseModel):
+    queue: float
+    compute: float
+    total: float
+
+
+class DetectResponse(BaseModel):
+    model: ModelRef
+    results: list[ImageVerdict]
+    timing_ms: Timing
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 403, 413, 415, 422, 503)}
+IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}
+            },
+        },
+    }
+}

@@ -1,0 +1,73 @@
+"""Reading a detect request's images: the body within its limit, a raw image or multipart fields
+named `file`, and decoding them to the card's input in the threadpool (docs/api.md#detect)."""
+
+import torch
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service.core.bundle import Bundle
+from service.core.images import ImageError, decode
+from service.serve.errors import ServiceError, bad_request, from_image_error
+from service.serve.settings import Settings
+
+Upload = tuple[str | None, bytes]  # (filename, bytes)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes the limit (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ServiceError(413, "payload_too_large", f"body is {declared} bytes, the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(413, "payload_too_large", f"body passed {limit} bytes, the limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def uploads(request: Request, settings: Settings) -> list[Upload]:
+    """(filename, bytes) for each image: a raw image body or multipart fields named `file`."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (ctype.startswith("image/") or ctype in ("application/octet-stream", "multipart/form-data")):
+        raise ServiceError(
+            415, "unsupported_media_type", f"content-type {ctype or '(none)'!r}: send an image/* body or multipart/form-data"
+        )
+    body = await read_body(request, settings.max_body_bytes)
+    if ctype != "multipart/form-data":
+        files: list[Upload] = [(None, body)]
+    else:
+        files = await _multipart(request, body, settings)
+    if len(files) > settings.max_images_per_request:
+        raise ServiceError(413, "payload_too_large", f"{len(files)} images, the limit is {settings.max_images_per_request} per request")
+    return files
+
+
+async def _multipart(request: Request, body: bytes, settings: Settings) -> list[Upload]:
+    request._body = body  # the form parser reads the body we already hold
+    try:
+        form = await request.form(max_files=settings.max_images_per_request + 1, max_fields=settings.max_images_per_request + 16)
+    except Exception as e:  # noqa: BLE001 - python-multipart raises several types on malformed input
+        raise bad_request(f"malformed multipart body: {e}") from None
+    files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+    if not files:
+        raise bad_request("multipart body has no file fields named 'file'")
+    return [(f.filename, await f.read()) for f in files]
+
+
+async def decode_all(files: list[Upload], bundle: Bundle, settings: Settings) -> list[torch.Tensor | ServiceError]:
+    """Each image decoded to the card's (C, H, W), or the error of its own slot."""
+    c, h, w = bundle.input_shape
+    spec = bundle.card["input"]
+
+    def one(data: bytes) -> torch.Tensor | ServiceError:
+        if len(data) > settings.max_image_bytes:
+            return ServiceError(413, "payload_too_large", f"image is {len(data)} bytes, the limit is {settings.max_image_bytes}")
+        try:
+            return decode(data, c, h, w, spec.get("resize", "bilinear"), int(spec.get("background", 0)), settings.max_image_pixels)
+        except ImageError as e:
+            return from_image_error(e)
+
+    return await run_in_threadpool(lambda: [one(d) for _, d in files])
