@@ -20,12 +20,20 @@ from service.serve.app import create_app
 from service.serve.settings import Settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout, when present
 
 
 @pytest.fixture(scope="session")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """16 MNIST test digits from the evaluation half: (16, 1, 28, 28) in [0, 1], labels (16,)."""
     f = np.load(FIXTURES / "mnist_eval16.npz")
+    return torch.from_numpy(f["x"]).float().div(255)[:, None], torch.from_numpy(f["y"]).long()
+
+
+@pytest.fixture(scope="session")
+def digits512() -> tuple[torch.Tensor, torch.Tensor]:
+    """512 seeded MNIST test digits from the evaluation half (index = their test-set positions)."""
+    f = np.load(FIXTURES / "mnist_eval512.npz")
     return torch.from_numpy(f["x"]).float().div(255)[:, None], torch.from_numpy(f["y"]).long()
 
 

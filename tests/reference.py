@@ -16,7 +16,7 @@ def _flat(grads: tuple[Tensor, ...]) -> Tensor:
 
 
 def reference(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
-    """Every score and heatmap of design.md §3 (except the noise KL) for each image, one at a time."""
+    """Every score and heatmap of docs/fisher.md (except the noise KL) for each image, one at a time."""
     m = double(model)
     params = [p for p in m.parameters() if p.requires_grad]
     rows: list[dict[str, Tensor]] = []

@@ -1,4 +1,4 @@
-"""The micro-batcher under load (issue: batching that holds): real loopback servers, probe models."""
+"""The micro-batcher under load (docs/architecture.md#batching): real loopback servers, probe models."""
 
 import asyncio
 import os

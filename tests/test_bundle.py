@@ -1,4 +1,4 @@
-"""Bundles (design.md §4) and calibration files (design.md §5)."""
+"""Bundles (docs/bundles.md) and calibration files (docs/detection.md#calibration)."""
 
 import json
 import shutil
@@ -12,21 +12,23 @@ from service.bundle import Bundle, BundleError, load_bundle
 from service.core.calibration import COMBINED, Calibration, Combination, Component
 from service.fisher import HEATMAPS, SCORES, compute
 from service.lab.data import jpeg_split
-from tests.conftest import FIXTURES
+from tests.conftest import DATA, FIXTURES
 
 
-def test_shipped_mnist_bundle(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
-    x, y = digits
+def accuracy(bundle: Bundle, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((bundle.model(x).argmax(1) == y).float().mean())
+
+
+def test_shipped_mnist_bundle(mnist: Bundle, digits512) -> None:  # type: ignore[no-untyped-def]
     assert mnist.classes == [str(d) for d in range(10)]
     assert mnist.input_shape == (1, 28, 28)
     card = mnist.card
-    assert card["test_accuracy"] >= 0.992
+    assert accuracy(mnist, *digits512) >= 0.985  # 509 of 512 held-out digits here; the card: 99.54% of the 10,000
     assert card["training_data"]["sha256"] == "c3b4aadaefe08c5229d60a6d5e39187df38c4f0952536322357dcf401a6a3008"
     assert card["param_count"] == sum(p.numel() for p in mnist.model.parameters())
     assert card["weights_sha256"] == mnist.weights_sha256
     assert not mnist.model.training
-    with torch.no_grad():
-        assert (mnist.model(x).argmax(1) == y).float().mean() >= 0.9
     cal = mnist.calibration
     assert cal is not None and cal.weights_sha256 == mnist.weights_sha256
     assert cal.n > 2450 and set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis", "mahalanobis_layers"}
@@ -39,7 +41,7 @@ def test_shipped_cifar10_bundle() -> None:
     assert b.input_shape == (3, 32, 32) and b.classes[:2] == ["airplane", "automobile"]
     assert b.card["training_data"]["sha256"] == "79dc3db9fb2b671e632a65307618b117ad7d2a315c023cdd4eaa529770a2ad32"
     assert b.card["param_count"] == sum(p.numel() for p in b.model.parameters())
-    assert b.card["architecture"] == "models.cifar10.model:build_air" and b.card["test_accuracy"] >= 0.90
+    assert b.card["architecture"] == "models.cifar10.model:build_air"
     cal = b.calibration
     assert cal is not None and cal.weights_sha256 == b.weights_sha256 and cal.data["correct"] > 4300 and cal.n > 2150
     assert cal.decision_scores == ("margin", "feature_squeezing") and b.mahalanobis is not None
@@ -48,13 +50,20 @@ def test_shipped_cifar10_bundle() -> None:
         assert b.model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_shipped_fisher_regularised_mnist_bundle(digits) -> None:  # type: ignore[no-untyped-def]
+def test_shipped_fisher_regularised_mnist_bundle(digits512) -> None:  # type: ignore[no-untyped-def]
     b = load_bundle("mnist-fisherreg")
-    assert b.name == "mnist-fisherreg" and b.card["training"]["fisher_penalty"] == 1.0 and b.card["test_accuracy"] >= 0.99
+    assert b.name == "mnist-fisherreg" and b.card["training"]["fisher_penalty"] == 1.0
     assert b.calibration is not None and b.calibration.weights_sha256 == b.weights_sha256 and b.calibration.n > 4900
-    x, y = digits
-    with torch.no_grad():
-        assert (b.model(x).argmax(1) == y).all()
+    assert accuracy(b, *digits512) >= 0.985  # 509 of 512 here; the card: 99.11% of the 10,000
+
+
+@pytest.mark.skipif(not (DATA / "mnist.npz").is_file(), reason="needs ../shared/data/mnist.npz (the full MNIST test set)")
+@pytest.mark.parametrize("name", ["mnist", "mnist-fisherreg"])
+def test_the_cards_accuracy_is_what_the_test_set_gives(name: str) -> None:
+    b = load_bundle(name)
+    with np.load(DATA / "mnist.npz") as d:
+        x, y = torch.from_numpy(d["x_test"]).float().div(255)[:, None], torch.from_numpy(d["y_test"]).long()
+    assert round(accuracy(b, x, y), 4) == b.card["test_accuracy"]
 
 
 def test_one_image_alone_or_in_a_batch_on_the_shipped_model(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
@@ -216,6 +225,4 @@ def test_shipped_cifar10_bundle_classifies_held_out_images(cifar10: Bundle) -> N
     accuracy is on all 10,000 test images."""
     with np.load(FIXTURES / "cifar10_eval256.npz") as d:
         x, y = jpeg_split(d, "test")
-    with torch.no_grad():
-        acc = float((cifar10.model(x).argmax(1) == y).float().mean())
-    assert acc >= 0.85, acc
+    assert accuracy(cifar10, x, y) >= 0.85  # 0.914 here; the card: 90.30% of the 10,000

@@ -1,4 +1,4 @@
-"""Every score and heatmap against the float64 reference, plus the invariants of design.md §3."""
+"""Every score and heatmap against the float64 reference, plus the invariants of docs/fisher.md."""
 
 import pytest
 import torch

@@ -19,6 +19,7 @@ class ImageError(ValueError):
 def bad_image(message: str) -> ImageError:
     return ImageError("bad_image", message)
 
+
 FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"}
 Image.MAX_IMAGE_PIXELS = None  # the service's own limit (max_pixels) is checked from the header, before decoding
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}

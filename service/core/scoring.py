@@ -41,9 +41,7 @@ def options(bundle: Bundle) -> dict[str, Any]:
     return dict(bundle.calibration.score_options) if bundle.calibration else {}
 
 
-def score(
-    bundle: Bundle, x: Tensor, names: Sequence[str], heatmaps: Sequence[str] = (), opts: Mapping[str, Any] | None = None
-) -> Scored:
+def score(bundle: Bundle, x: Tensor, names: Sequence[str], heatmaps: Sequence[str] = (), opts: Mapping[str, Any] | None = None) -> Scored:
     """Scores `names` and `heatmaps` for images x (N, C, H, W) in [0, 1]; opts default to `options(bundle)`."""
     unknown = [n for n in names if n not in bundle.scores]
     if unknown:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from service.core.batches import map_batches
 from service.core.bundle import Bundle
 from service.core.scoring import score
 from service.serve.errors import ServiceError
@@ -33,11 +34,8 @@ class Detector:
 
     def run(self, x: torch.Tensor, scores: Sequence[str], heatmaps: Sequence[str]) -> list[Outcome]:
         """x (B, C, H, W) on the CPU -> one outcome per image."""
-        step = self.batch_ceiling or len(x)
-        out: list[Outcome] = []
-        for i in range(0, len(x), step):
-            out += self._isolated(x[i : i + step], scores, heatmaps)
-        return out
+        parts = map_batches(lambda xb: self._isolated(xb, scores, heatmaps), x, batch=self.batch_ceiling or len(x))
+        return [o for part in parts for o in part]
 
     def _isolated(self, x: torch.Tensor, scores: Sequence[str], heatmaps: Sequence[str]) -> list[Outcome]:
         try:

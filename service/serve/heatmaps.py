@@ -16,4 +16,3 @@ def encode(m: np.ndarray) -> dict[str, Any]:
     buf = io.BytesIO()
     Image.fromarray(pixels, "L").save(buf, "PNG")
     return {"png_base64": base64.b64encode(buf.getvalue()).decode(), "shape": list(m.shape), "min": lo, "max": hi}
-

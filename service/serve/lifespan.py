@@ -50,7 +50,9 @@ def lifespan_for(settings: Settings, bundle: Bundle | None) -> Callable[[FastAPI
         warm_up(detector, state.bundle)
         state.warmed = True
         state.metrics.model.info({"name": state.bundle.name, "version": str(state.bundle.card["version"]), "device": state.device})
-        state.batcher = Batcher(detector.run, settings.max_batch_size, settings.max_delay_ms / 1000, settings.max_queue_images, state.metrics)
+        state.batcher = Batcher(
+            detector.run, settings.max_batch_size, settings.max_delay_ms / 1000, settings.max_queue_images, state.metrics
+        )
         state.batcher.start()
         state.metrics.ready.set(1)
         log.info("serving %s on %s", state.bundle.name, state.device)

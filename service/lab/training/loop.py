@@ -13,16 +13,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from service.core.bundle import sha256_file
+from service.core.scoring import predict
 from service.fisher.penalty import input_fisher_trace_estimate, rademacher
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
+    """Top-1 accuracy in eval mode."""
     model.eval()
-    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
-    return correct / len(x)
+    return float((predict(model, x, batch) == y).float().mean())
 
 
 def fit(
