@@ -14,6 +14,10 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     t.add_argument("--out", type=Path, help="default models/<bundle>-fisherreg (β > 0) or models/<bundle>")
     t.add_argument("--epochs", type=int, help="default: the recipe's (mnist 8, cifar10 20)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--arch", choices=["air", "resnet20", "resnet20-wide"], help="cifar10 only: the network (default air, the shipped one)")
+    t.add_argument("--batch", type=int, help="batch size (mnist; cifar10's ResNet-20 recipes)")
+    t.add_argument("--lr", type=float, help="peak learning rate (mnist; cifar10's ResNet-20 recipes)")
+    t.add_argument("--bf16", action="store_true", help="cifar10's ResNet-20 recipes: bf16 autocast (air always uses it)")
     t.set_defaults(func=run)
 
 
@@ -24,10 +28,12 @@ def run(a: argparse.Namespace) -> int:
 
     if a.fisher_penalty < 0:
         raise ValueError(f"--fisher-penalty must be >= 0, got {a.fisher_penalty}")
+    if a.bundle == "mnist" and (a.arch or a.bf16):
+        raise ValueError("--arch and --bf16 belong to the cifar10 recipe")
     recipe = importlib.import_module(f"service.lab.training.{a.bundle}")
     out = a.out or SHIPPED / (f"{a.bundle}-fisherreg" if a.fisher_penalty > 0 else a.bundle)
     data = a.data or common.DEFAULT_DATA / ("mnist.npz" if a.bundle == "mnist" else "cifar10_jpeg.npz")
-    options = {"epochs": a.epochs} if a.epochs else {}
-    card = recipe.train(data, out, seed=a.seed, fisher_penalty=a.fisher_penalty, **options)
+    given = {"epochs": a.epochs, "arch": a.arch, "batch": a.batch, "lr": a.lr, "bf16": a.bf16 or None}
+    card = recipe.train(data, out, seed=a.seed, fisher_penalty=a.fisher_penalty, **{k: v for k, v in given.items() if v is not None})
     print(f"wrote {out}: test accuracy {card['test_accuracy']}; calibrate it with: fisherguard calibrate --model {out}")
     return 0

@@ -1,6 +1,6 @@
 """Train a CIFAR-10 bundle from ../shared/data/cifar10_jpeg.npz, training split only.
 
-    python -m service.lab.training.cifar10 --arch air --epochs 20 --out models/cifar10      # the shipped bundle
+    fisherguard train --bundle cifar10 --arch air --epochs 20 --out models/cifar10      # the shipped bundle
 
 --arch air: the airbench-style residual net (model.AirResNet) with fit_air's recipe (2 px reflect-padded
 crops, flips, bf16 autocast; ~105 s per epoch on 2 cores). --arch resnet20 / resnet20-wide: ResNet-20
@@ -8,8 +8,6 @@ with one-cycle SGD, 4 px zero-padded crops and flips (--bf16 for autocast; the o
 --fisher-penalty). Writes model.safetensors and card.json (with the measured test accuracy) into --out.
 """
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.cifar10.model import AirResNet, build, build_air, build_wide
-from service.core.bundle import SHIPPED, sha256_file
+from service.core.bundle import sha256_file
 from service.lab.data import jpeg_split
 from service.lab.training.loop import accuracy, fit, save_bundle
 
@@ -198,22 +196,3 @@ def train(
         "test_data": {"name": "CIFAR-10 test (10000, JPEG export)", "sha256": digest},
     }
     return save_bundle(model, out, card)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    ap.add_argument("--data", type=Path, default=Path("../shared/data/cifar10_jpeg.npz"))
-    ap.add_argument("--out", type=Path, default=SHIPPED / "cifar10")
-    ap.add_argument("--arch", choices=sorted(ARCHITECTURES), default="air", help="air is the shipped net")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=128, help="ResNet-20 recipes only")
-    ap.add_argument("--lr", type=float, default=0.2, help="ResNet-20 recipes only")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast in the ResNet-20 recipes (air always uses it)")
-    ap.add_argument("--fisher-penalty", type=float, default=0.0, help="β of the β·tr G_x training penalty")
-    a = ap.parse_args()
-    print(json.dumps(train(a.data, a.out, a.arch, a.epochs, a.batch, a.lr, a.seed, a.fisher_penalty, a.bf16), indent=2))
-
-
-if __name__ == "__main__":
-    main()

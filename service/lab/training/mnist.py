@@ -1,12 +1,10 @@
 """Train the shipped MNIST bundle from ../shared/data/mnist.npz (training split only).
 
-    python -m service.lab.training.mnist --data ../shared/data/mnist.npz --out models/mnist
+    fisherguard train --bundle mnist --data ../shared/data/mnist.npz --out models/mnist
 
 Writes model.safetensors and card.json (with the measured test accuracy) into --out.
 """
 
-import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.mnist.model import build
-from service.core.bundle import SHIPPED, sha256_file
+from service.core.bundle import sha256_file
 from service.lab.training.loop import fit, save_bundle
 
 CLASSES = [str(d) for d in range(10)]
@@ -62,20 +60,3 @@ def train(data: Path, out: Path, epochs: int = 8, batch: int = 128, lr: float = 
         "test_data": {"name": "MNIST test (10000)", "sha256": digest},
     }
     return save_bundle(model, out, card)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    ap.add_argument("--data", type=Path, default=Path("../shared/data/mnist.npz"))
-    ap.add_argument("--out", type=Path, default=SHIPPED / "mnist")
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fisher-penalty", type=float, default=0.0, help="β of the β·tr G_x training penalty")
-    a = ap.parse_args()
-    print(json.dumps(train(a.data, a.out, a.epochs, a.batch, a.lr, a.seed, a.fisher_penalty), indent=2))
-
-
-if __name__ == "__main__":
-    main()
