@@ -40,21 +40,30 @@ def penultimate(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
 def features(model: nn.Module, x: Tensor, taps: Sequence[str], grad: bool = False) -> dict[str, Tensor]:
     """One forward pass; the outputs of the modules named `taps` (4-D ones reduced to their channel
     means, (N, C)) and the penultimate features (N, F), keyed by tap name and PENULTIMATE."""
+    return logits_and_features(model, x, taps, len(x), grad)[1]
+
+
+def logits_and_features(
+    model: nn.Module, x: Tensor, taps: Sequence[str], rows: int, grad: bool = False
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward pass of x (B, C, H, W): the logits (B, K) and, of the first `rows` images only, the
+    tapped features as in `features`."""
     modules = dict(model.named_modules())
     out: dict[str, Tensor] = {}
 
     def keep(name: str, t: Tensor) -> None:
+        t = t[:rows]
         out[name] = t.mean((2, 3)) if t.dim() == 4 else t.flatten(1)
 
     handles = [modules[t].register_forward_hook(lambda mod, args, o, t=t: keep(t, o)) for t in taps]
     handles.append(_last_linear(model).register_forward_hook(lambda mod, args, o: keep(PENULTIMATE, args[0])))
     try:
         with torch.set_grad_enabled(grad):
-            model(x)
+            z = model(x)
     finally:
         for h in handles:
             h.remove()
-    return out if grad else {k: v.detach() for k, v in out.items()}
+    return (z, out) if grad else (z.detach(), {k: v.detach() for k, v in out.items()})
 
 
 def stage_outputs(model: nn.Module, x: Tensor) -> list[str]:
@@ -128,17 +137,25 @@ class Mahalanobis:
         layers = {k: (g, float(g.distance(f[k]).median())) for k, g in fits.items()} if taps else {}
         return cls(fits[PENULTIMATE], layers)
 
-    def scores(self, model: nn.Module, x: Tensor, names: Sequence[str], grad: bool = False) -> dict[str, Tensor]:
-        """`mahalanobis` and/or `mahalanobis_layers` (Σ_l d_l(x) / median_train d_l) from one forward
-        pass, float64 (N,) each."""
-        layered = "mahalanobis_layers" in names
-        if layered and not self.layers:
+    def taps(self, names: Sequence[str]) -> list[str]:
+        """The hidden modules whose outputs the named scores read (the penultimate features always come)."""
+        if "mahalanobis_layers" not in names:
+            return []
+        if not self.layers:
             raise ValueError("this Mahalanobis fit has no hidden layers: refit with `fisherguard calibrate --fit-mahalanobis N`")
-        f = features(model, x, [k for k in self.layers if k != PENULTIMATE] if layered else [], grad)
+        return [k for k in self.layers if k != PENULTIMATE]
+
+    def from_features(self, f: dict[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
+        """`mahalanobis` and/or `mahalanobis_layers` (Σ_l d_l(x) / median_train d_l), float64 (N,) each,
+        from the features of `logits_and_features` with `taps(names)`."""
         out = {"mahalanobis": self.penultimate.distance(f[PENULTIMATE])} if "mahalanobis" in names else {}
-        if layered:
+        if "mahalanobis_layers" in names:
             out["mahalanobis_layers"] = torch.stack([g.distance(f[k]) / scale for k, (g, scale) in self.layers.items()]).sum(0)
         return out
+
+    def scores(self, model: nn.Module, x: Tensor, names: Sequence[str], grad: bool = False) -> dict[str, Tensor]:
+        """The named Mahalanobis scores of x from one forward pass."""
+        return self.from_features(features(model, x, self.taps(names), grad), names)
 
     def score(self, model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
         return self.scores(model, x, ["mahalanobis"], grad)["mahalanobis"]
@@ -186,16 +203,42 @@ def _median_2x2(x: Tensor) -> Tensor:
     return windows.median(-1).values
 
 
-def feature_squeezing(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
-    """max over squeezers of the L1 distance between predictions. -> (N,) float64.
-    grad=True keeps it differentiable in x for an adaptive attacker: the bit-depth squeezer then passes
-    gradients straight through (BPDA, Athalye et al. 2018); the median filter is differentiable as is."""
+def squeezed(x: Tensor, grad: bool = False) -> list[Tensor]:
+    """Feature squeezing's copies of x: bit-depth reduction (1 bit for greyscale, 5 for colour) and a
+    2×2 median filter. grad=True passes gradients straight through the bit-depth squeezer (BPDA,
+    Athalye et al. 2018), for an adaptive attacker; the median filter is differentiable as is."""
     bits = 1 if x.shape[1] == 1 else 5
-    squeezed = x + (_bit_depth(x, bits) - x).detach() if grad else _bit_depth(x, bits)
-    with torch.set_grad_enabled(grad):
-        p = torch.softmax(model(x), 1)
-        dists = [(p - torch.softmax(model(sq), 1)).abs().sum(1) for sq in (squeezed, _median_2x2(x))]
-    return torch.stack(dists).amax(0).double()
+    return [x + (_bit_depth(x, bits) - x).detach() if grad else _bit_depth(x, bits), _median_2x2(x)]
+
+
+def squeezing_distance(z: Tensor, z_squeezed: Sequence[Tensor]) -> Tensor:
+    """max over squeezers of ‖p(x) − p(squeeze(x))‖₁ from the logits (N, K) of x and of each copy. -> (N,) float64."""
+    p = torch.softmax(z, 1)
+    return torch.stack([(p - torch.softmax(zs, 1)).abs().sum(1) for zs in z_squeezed]).amax(0).double()
+
+
+def feature_squeezing(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
+    """max over squeezers of the L1 distance between predictions, from one forward of x and its copies. -> (N,) float64."""
+    return forward_scores(model, x, ["feature_squeezing"], None, grad)[1]["feature_squeezing"]
+
+
+def forward_scores(
+    model: nn.Module, x: Tensor, names: Sequence[str], mahalanobis: "Mahalanobis | None", grad: bool = False
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The logits of x (N, K) and the named clean-data detector scores (float64 (N,) each) from ONE
+    forward pass: x and its squeezed copies go through the network together, and the Mahalanobis
+    features are read from x's rows of that same pass."""
+    wanted = [n for n in ("mahalanobis", "mahalanobis_layers") if n in names]
+    if wanted and mahalanobis is None:
+        raise ValueError("this bundle has no mahalanobis.safetensors: fit one with `fisherguard calibrate --fit-mahalanobis N`")
+    n = len(x)
+    copies = squeezed(x, grad) if "feature_squeezing" in names else []
+    taps = mahalanobis.taps(wanted) if mahalanobis is not None and wanted else []
+    z, f = logits_and_features(model, torch.cat([x, *copies]) if copies else x, taps, n, grad)
+    out = {"feature_squeezing": squeezing_distance(z[:n], z[n:].split(n))} if copies else {}
+    if mahalanobis is not None and wanted:
+        out |= mahalanobis.from_features(f, wanted)
+    return z[:n], out
 
 
 def available(mahalanobis: Mahalanobis | None) -> tuple[str, ...]:
@@ -206,13 +249,5 @@ def available(mahalanobis: Mahalanobis | None) -> tuple[str, ...]:
 
 
 def baseline_scores(model: nn.Module, x: Tensor, names: Sequence[str], mahalanobis: Mahalanobis | None) -> dict[str, Tensor]:
-    """The requested baseline scores, float64 (N,), on x's device."""
-    out: dict[str, Tensor] = {}
-    if "feature_squeezing" in names:
-        out["feature_squeezing"] = feature_squeezing(model, x)
-    wanted = [n for n in ("mahalanobis", "mahalanobis_layers") if n in names]
-    if wanted:
-        if mahalanobis is None:
-            raise ValueError("this bundle has no mahalanobis.safetensors: fit one with `fisherguard calibrate --fit-mahalanobis N`")
-        out |= mahalanobis.scores(model, x, wanted)  # one forward pass for both
-    return out
+    """The requested baseline scores, float64 (N,), on x's device (one forward pass for all of them)."""
+    return forward_scores(model, x, names, mahalanobis)[1]

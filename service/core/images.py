@@ -21,15 +21,18 @@ def bad_image(message: str) -> ImageError:
 
 
 FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"}
-Image.MAX_IMAGE_PIXELS = None  # the service's own limit (max_pixels) is checked from the header, before decoding
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header only (no pixel is decoded yet), refused when it is not an accepted format
+    or claims more than max_pixels pixels. Pillow's own decompression-bomb check stays on."""
     if not data:
         raise bad_image("the image is empty (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageError("payload_too_large", f"image refused before decoding ({e}); the limit is {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise bad_image(f"cannot decode the image ({len(data)} bytes): {e}") from None
     if img.format not in FORMATS:
@@ -54,15 +57,24 @@ def _to_mode(img: Image.Image, channels: int, background: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
+def pixels(img: Image.Image) -> int:
+    """Width × height as the header claims it."""
+    return int(img.size[0]) * int(img.size[1])
+
+
 def decode(data: bytes, channels: int, height: int, width: int, resize: str, background: int, max_pixels: int) -> torch.Tensor:
     """Bytes -> (channels, height, width) float32 in [0, 1]. Other sizes are resized (or rejected
     when the card says resize: "reject")."""
-    img = _open(data, max_pixels)
+    return to_tensor(open_image(data, max_pixels), channels, height, width, resize, background)
+
+
+def to_tensor(img: Image.Image, channels: int, height: int, width: int, resize: str, background: int) -> torch.Tensor:
+    """An opened image decoded, converted and resized to the card's input. -> (channels, height, width)."""
     try:
         img.seek(0)
         img = _to_mode(img, channels, background)
     except (OSError, ValueError, SyntaxError) as e:
-        raise bad_image(f"cannot decode the image ({len(data)} bytes): {e}") from None
+        raise bad_image(f"cannot decode the image: {e}") from None
     if img.size != (width, height):
         if resize == "reject":
             raise bad_image(f"image is {img.size[0]}x{img.size[1]}, the model takes {width}x{height}")

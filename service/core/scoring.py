@@ -10,11 +10,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.core.baselines import baseline_scores
+from service.core.baselines import forward_scores
 from service.core.batches import cat_batches, device_of, progress
 from service.core.bundle import Bundle
 from service.core.scores import detectors, engine, thresholded_all
 from service.fisher import compute
+from service.fisher.basics import predictive
+from service.fisher.plan import FORWARD
 
 
 @dataclass
@@ -48,10 +50,17 @@ def score(bundle: Bundle, x: Tensor, names: Sequence[str], heatmaps: Sequence[st
         raise ValueError(f"bundle {bundle.name} cannot compute {unknown}; it has {sorted(bundle.scores)}")
     x = x.to(device_of(bundle.model))
     names = list(dict.fromkeys(names))
-    r = compute(bundle.model, x, engine(names), heatmaps, **(options(bundle) if opts is None else dict(opts)))
-    extra = baseline_scores(bundle.model, x, detectors(names), bundle.mahalanobis)
-    raw = {k: (r.scores | extra)[k].cpu() for k in names}
-    return Scored(r.probs.cpu(), r.predicted.cpu(), raw, {k: v.cpu() for k, v in r.heatmaps.items()})
+    z, values = forward_scores(bundle.model, x, detectors(names), bundle.mahalanobis)  # one forward: x and its copies
+    p, y, forward_only = predictive(z)
+    values |= forward_only
+    maps: dict[str, Tensor] = {}
+    if heatmaps or set(engine(names)) - FORWARD:  # gradients, noise: the Fisher engine's own passes
+        r = compute(
+            bundle.model, x, [n for n in engine(names) if n not in FORWARD], heatmaps, **(options(bundle) if opts is None else dict(opts))
+        )
+        values |= r.scores
+        maps = {k: v.cpu() for k, v in r.heatmaps.items()}
+    return Scored(p.float().cpu(), y.cpu(), {k: values[k].cpu() for k in names}, maps)
 
 
 def score_dataset(

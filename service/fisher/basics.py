@@ -47,3 +47,13 @@ def top_classes(p: Tensor, m: int | None) -> Tensor:
     """Indices of the m most probable classes per sample (all K when m is None). (N, K) -> (N, m)."""
     k = p.shape[1] if m is None else min(m, p.shape[1])
     return p.topk(k, dim=1).indices
+
+
+def predictive(z: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """From logits (N, K): p (N, K) float64, ŷ (N,), and the scores of the forward alone —
+    `confidence` p̂, `entropy`, `margin` s — float64 (N,) each."""
+    z64 = z.detach().double()
+    log_p = torch.log_softmax(z64, dim=1)
+    p = log_p.exp()
+    y = predicted(z64)
+    return p, y, {"confidence": p.gather(1, y[:, None]).squeeze(1), "entropy": entropy(log_p), "margin": log_odds(z64, y)}

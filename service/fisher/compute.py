@@ -110,11 +110,8 @@ def _chunk(model: nn.Module, x: Tensor, plan: Plan, opts: Options) -> FisherResu
     with torch.set_grad_enabled(plan.backward):
         z, tape = forward(model, x, plan.need_theta)
     z64 = z.detach().double()
-    log_p = torch.log_softmax(z64, dim=1)  # (N, K)
-    p = log_p.exp()
-    y = basics.predicted(z64)
-    s = basics.log_odds(z64, y)  # (N,)
-    values = {"confidence": p.gather(1, y[:, None]).squeeze(1), "entropy": basics.entropy(log_p), "margin": s}
+    p, y, values = basics.predictive(z64)  # (N, K), (N,), the forward-only scores
+    log_p, s = torch.log_softmax(z64, dim=1), values["margin"]  # (N, K), (N,)
     classes = basics.top_classes(p, opts.top_classes) if plan.need_classes else None
     if plan.backward:
         values |= _gradient_values(model, x, z, z64, tape, p, y, s, classes, plan, opts)

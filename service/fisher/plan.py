@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+FORWARD = frozenset({"confidence", "entropy", "margin"})  # from the logits alone
 S_INPUT = frozenset({"sensitivity", "fisher_input_binary", "saliency"})  # need ∇_x s
 S_PARAM = frozenset({"fisher_param_binary"})  # need ‖∇_θ s‖²
 CLASS_INPUT = frozenset({"fisher_input_trace", "fisher_input_eig", "fisher_diag", "eigvec"})  # need ∇_x log p_k

@@ -8,6 +8,7 @@ from fastapi.staticfiles import StaticFiles
 from service import __version__
 from service.core.bundle import Bundle
 from service.serve.access import AccessControl
+from service.serve.admission import Admission
 from service.serve.errors import install_handlers
 from service.serve.gallery import STATIC
 from service.serve.lifespan import lifespan_for
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     for router in ROUTERS:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(Admission, state=lambda: app.state.fg)  # innermost: after authentication, before the body is read
     if settings.cors_origins.strip():
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
         app.add_middleware(

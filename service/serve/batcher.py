@@ -2,8 +2,10 @@
 that runs a predict callable, futures for results.
 
 A batch closes when it holds max_batch_size images or when the oldest waiting image has waited
-max_delay; images whose request has expired or gone are dropped before compute. Admission of a
-multi-image request is all-or-nothing. The event loop never runs torch work.
+max_delay; images whose request has expired or gone are dropped before compute. A batch runs as one
+predict call per distinct request shape (scores and heatmaps), so each image pays for what its own
+request asked. Capacity is reserved at admission (`reserve`), before the body is read, so an admitted
+request is not refused later for room. The event loop never runs torch work.
 """
 
 import asyncio
@@ -34,10 +36,37 @@ class Job:
     compute_s: float = 0.0
 
 
+@dataclass
+class Reservation:
+    """Queue room held for one admitted request, in images, until its images are queued or it ends."""
+
+    batcher: "Batcher"
+    images: int
+    open: bool = True
+
+    def extend(self, n: int) -> None:
+        """Holds n more images, or 503 `overloaded` when they do not fit."""
+        b = self.batcher
+        if b.closing:
+            raise ServiceError(503, "shutting_down", "the service is shutting down", retry_after=1)
+        if b.occupied + n > b.max_queue:
+            raise ServiceError(
+                503, "overloaded", f"queue holds {b.occupied} of {b.max_queue} images; {self.images + n} do not fit", retry_after=1
+            )
+        b.reserved += n
+        self.images += n
+
+    def release(self) -> None:
+        if self.open:
+            self.batcher.reserved -= self.images
+            self.open = False
+
+
 class Batcher:
     def __init__(self, run_batch: RunBatch, max_batch: int, max_delay_s: float, max_queue: int, metrics: Metrics) -> None:
         self.run_batch, self.max_batch, self.max_delay_s, self.max_queue = run_batch, max_batch, max_delay_s, max_queue
         self.metrics = metrics
+        self.reserved = 0  # images admitted but not queued yet
         self.queue: deque[Job] = deque()
         self.wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisherguard-engine")
@@ -58,14 +87,28 @@ class Batcher:
         if not self.closing:
             self.start()
 
-    def submit(self, images: Sequence[torch.Tensor], scores: frozenset[str], heatmaps: frozenset[str], deadline: float) -> list[Job]:
-        """Queues all images of one request, or none: 503 when the queue cannot take them all."""
+    @property
+    def occupied(self) -> int:
+        """Images queued or held for admitted requests."""
+        return len(self.queue) + self.reserved
+
+    def reserve(self, n: int = 1) -> Reservation | None:
+        """Room for n images of an admitted request, or None when the queue cannot hold them."""
+        if self.closing or self.occupied + n > self.max_queue:
+            return None
+        self.reserved += n
+        return Reservation(self, n)
+
+    def submit(
+        self, images: Sequence[torch.Tensor], scores: frozenset[str], heatmaps: frozenset[str], deadline: float, held: Reservation
+    ) -> list[Job]:
+        """Queues all images of one request into the room its reservation holds (extending it first
+        when there are more images than it holds), then releases the reservation."""
+        if len(images) > held.images:
+            held.extend(len(images) - held.images)
         if self.closing:
             raise ServiceError(503, "shutting_down", "the service is shutting down", retry_after=1)
-        if len(self.queue) + len(images) > self.max_queue:
-            raise ServiceError(
-                503, "overloaded", f"queue holds {len(self.queue)} of {self.max_queue} images; {len(images)} more do not fit", retry_after=1
-            )
+        held.release()
         loop = asyncio.get_running_loop()
         jobs = [Job(x, scores, heatmaps, deadline, loop.create_future()) for x in images]
         self.queue.extend(jobs)
@@ -117,8 +160,14 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[Job]) -> None:
-        scores = sorted(frozenset().union(*(j.scores for j in batch)))
-        heatmaps = sorted(frozenset().union(*(j.heatmaps for j in batch)))
+        """One predict call per request shape in the batch: an image pays only for its own request's names."""
+        shapes: dict[tuple[frozenset[str], frozenset[str]], list[Job]] = {}
+        for job in batch:
+            shapes.setdefault((job.scores, job.heatmaps), []).append(job)
+        for (scores, heatmaps), jobs in shapes.items():
+            await self._predict(jobs, sorted(scores), sorted(heatmaps))
+
+    async def _predict(self, batch: list[Job], scores: list[str], heatmaps: list[str]) -> None:
         x = torch.stack([j.x for j in batch])
         t0 = time.monotonic()
         outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, x, scores, heatmaps)

@@ -13,7 +13,7 @@ from fastapi import Request
 from service.core import decision
 from service.core.scores import DEFAULT, thresholded_all
 from service.fisher import HEATMAPS
-from service.serve.batcher import Job
+from service.serve.batcher import Job, Reservation
 from service.serve.detector import ImageResult, Outcome
 from service.serve.errors import ServiceError, bad_request
 from service.serve.state import State
@@ -68,11 +68,13 @@ def ask(state: State, scores: str | None, heatmaps: str | None, alpha: float | N
     return Ask(shown, maps, a, deadline)
 
 
-async def run(state: State, request: Request, images: list[torch.Tensor | ServiceError], spec: Ask) -> tuple[list[Outcome], list[Job]]:
-    """Queues the decoded images (all or none), waits for them, and returns one outcome per slot."""
+async def run(
+    state: State, request: Request, images: list[torch.Tensor | ServiceError], spec: Ask, held: Reservation
+) -> tuple[list[Outcome], list[Job]]:
+    """Queues the decoded images into the room held for them, waits for them, and returns one outcome per slot."""
     assert state.batcher is not None
     good = [x for x in images if isinstance(x, torch.Tensor)]
-    jobs = state.batcher.submit(good, frozenset(spec.scores), frozenset(spec.heatmaps), spec.deadline)
+    jobs = state.batcher.submit(good, frozenset(spec.scores), frozenset(spec.heatmaps), spec.deadline, held)
     await _await_jobs(request, jobs, spec.deadline)
     done = iter(j.future.result() for j in jobs)
     return [next(done) if isinstance(x, torch.Tensor) else x for x in images], jobs

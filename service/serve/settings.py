@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     # limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_images_per_request: int = Field(64, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1, description="refused from the header, before decoding")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="pixels of one image, refused from the header before decoding")
+    max_request_pixels: int = Field(50_000_000, ge=1, description="pixels of all of a request's images together, from their headers")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1)
     # access
     api_keys: str | None = Field(None, description="comma-separated API keys; then requests need `Authorization: Bearer <key>`")

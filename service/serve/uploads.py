@@ -3,11 +3,12 @@ named `file`, and decoding them to the card's input in the threadpool (docs/api.
 
 import torch
 from fastapi import Request
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.core.bundle import Bundle
-from service.core.images import ImageError, decode
+from service.core.images import ImageError, open_image, pixels, to_tensor
 from service.serve.errors import ServiceError, bad_request, from_image_error
 from service.serve.settings import Settings
 
@@ -58,16 +59,36 @@ async def _multipart(request: Request, body: bytes, settings: Settings) -> list[
 
 
 async def decode_all(files: list[Upload], bundle: Bundle, settings: Settings) -> list[torch.Tensor | ServiceError]:
-    """Each image decoded to the card's (C, H, W), or the error of its own slot."""
+    """Each image decoded to the card's (C, H, W), or the error of its own slot. Every header is read
+    first: a request whose images claim more pixels together than `max_request_pixels` is refused
+    (413) before any pixel is decoded."""
+    return await run_in_threadpool(_decode_all, files, bundle, settings)
+
+
+def _decode_all(files: list[Upload], bundle: Bundle, settings: Settings) -> list[torch.Tensor | ServiceError]:
+    opened = [_open(data, settings) for _, data in files]
+    total = sum(pixels(img) for img in opened if isinstance(img, Image.Image))
+    if total > settings.max_request_pixels:
+        raise ServiceError(
+            413, "payload_too_large", f"the request's images claim {total} pixels together, the limit is {settings.max_request_pixels}"
+        )
     c, h, w = bundle.input_shape
     spec = bundle.card["input"]
-
-    def one(data: bytes) -> torch.Tensor | ServiceError:
-        if len(data) > settings.max_image_bytes:
-            return ServiceError(413, "payload_too_large", f"image is {len(data)} bytes, the limit is {settings.max_image_bytes}")
+    resize, background = spec.get("resize", "bilinear"), int(spec.get("background", 0))
+    out: list[torch.Tensor | ServiceError] = []
+    for img in opened:
         try:
-            return decode(data, c, h, w, spec.get("resize", "bilinear"), int(spec.get("background", 0)), settings.max_image_pixels)
+            out.append(to_tensor(img, c, h, w, resize, background) if isinstance(img, Image.Image) else img)
         except ImageError as e:
-            return from_image_error(e)
+            out.append(from_image_error(e))
+    return out
 
-    return await run_in_threadpool(lambda: [one(d) for _, d in files])
+
+def _open(data: bytes, settings: Settings) -> Image.Image | ServiceError:
+    """The image's header, or the error of its slot (too many bytes or pixels, not an image)."""
+    if len(data) > settings.max_image_bytes:
+        return ServiceError(413, "payload_too_large", f"image is {len(data)} bytes, the limit is {settings.max_image_bytes}")
+    try:
+        return open_image(data, settings.max_image_pixels)
+    except ImageError as e:
+        return from_image_error(e)

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from service.fisher import HEATMAPS
 from service.serve import handler
 from service.serve import heatmaps as heatmap_png
+from service.serve.batcher import Reservation
 from service.serve.detector import Outcome
 from service.serve.errors import ServiceError
 from service.serve.schemas import ERRORS, IMAGE_BODY, DetectResponse
@@ -29,20 +30,18 @@ async def detect(
 ) -> JSONResponse:
     t0 = time.monotonic()
     state.check_ready()
-    state.inflight += 1
-    try:
-        spec = handler.ask(state, scores, heatmaps, alpha, timeout_ms, t0)
-        assert state.bundle is not None
-        files = await uploads(request, state.settings)
-        images = await decode_all(files, state.bundle, state.settings)
-        if len(images) == 1 and isinstance(images[0], ServiceError):
-            raise images[0]
-        outcomes, jobs = await handler.run(state, request, images, spec)
-        if len(outcomes) == 1 and isinstance(outcomes[0], ServiceError):
-            raise outcomes[0]
-        results = [_result(state, i, name, o, spec) for i, ((name, _), o) in enumerate(zip(files, outcomes, strict=True))]
-    finally:
-        state.inflight -= 1
+    held: Reservation = request.state.reservation  # admitted with room for its first image (serve/admission.py)
+    spec = handler.ask(state, scores, heatmaps, alpha, timeout_ms, t0)
+    assert state.bundle is not None
+    files = await uploads(request, state.settings)
+    held.extend(len(files) - held.images)  # before decoding: a request the queue cannot take is refused now
+    images = await decode_all(files, state.bundle, state.settings)
+    if len(images) == 1 and isinstance(images[0], ServiceError):
+        raise images[0]
+    outcomes, jobs = await handler.run(state, request, images, spec, held)
+    if len(outcomes) == 1 and isinstance(outcomes[0], ServiceError):
+        raise outcomes[0]
+    results = [_result(state, i, name, o, spec) for i, ((name, _), o) in enumerate(zip(files, outcomes, strict=True))]
     timing = {
         "queue": 1000 * max((j.started - j.enqueued for j in jobs), default=0.0),
         "compute": 1000 * max((j.compute_s for j in jobs), default=0.0),

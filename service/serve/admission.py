@@ -1,0 +1,76 @@
+"""Admission (docs/architecture.md#admission): refuse before reading. A pure ASGI middleware that,
+for the routes that queue images, answers 503 from the queue's state before the body is read —
+no parsing, no decoding, nothing allocated per pixel — and otherwise holds room for the request's
+first image until its images are queued or the request ends."""
+
+import asyncio
+import json
+from collections.abc import Callable
+from types import SimpleNamespace
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.serve.errors import ServiceError
+from service.serve.state import State
+
+QUEUEING = ("/v1/detect",)  # POST routes whose images go through the batcher
+
+
+def queues_images(scope: Scope) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in QUEUEING
+
+
+class Admission:
+    def __init__(self, app: ASGIApp, state: Callable[[], State]) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not queues_images(scope):
+            await self.app(scope, receive, send)
+            return
+        state = self.state()
+        held = None
+        try:
+            state.check_ready()
+            assert state.batcher is not None
+            held = state.batcher.reserve(1)
+            if held is None:
+                b = state.batcher
+                raise ServiceError(503, "overloaded", f"queue holds {b.occupied} of {b.max_queue} images", retry_after=1)
+        except ServiceError as e:
+            state.metrics.errors.labels(e.code).inc()
+            scope["route"] = SimpleNamespace(path=scope["path"])  # the route label of the request metrics
+            await refuse(send, e)
+            await discard_body(receive)
+            return
+        scope.setdefault("state", {})["reservation"] = held
+        state.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.inflight -= 1
+            held.release()
+
+
+async def refuse(send: Send, e: ServiceError) -> None:
+    """The error as the service's JSON body, with Retry-After, sent before the request body is read."""
+    body = json.dumps({"error": {"code": e.code, "message": e.message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if e.retry_after is not None:
+        headers.append((b"retry-after", str(e.retry_after).encode()))
+    start: Message = {"type": "http.response.start", "status": e.status, "headers": headers}
+    await send(start)
+    await send({"type": "http.response.body", "body": body})
+
+
+async def discard_body(receive: Receive, within_s: float = 1.0) -> None:
+    """Reads and drops what the client is still sending (no parsing, nothing kept) for a moment, so that
+    closing the connection does not reset it before the client has read the refusal."""
+    try:
+        async with asyncio.timeout(within_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return
