@@ -8,6 +8,7 @@ import socket
 import struct
 import time
 import zlib
+from collections.abc import Sequence
 
 import httpx
 import pytest
@@ -143,7 +144,12 @@ def bombs() -> list[tuple[str, tuple[str, bytes, str]]]:
 
 def test_64_compressible_pngs_to_a_full_queue_are_refused_without_decoding(bombs, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     opened: list[int] = []
-    monkeypatch.setattr(uploads, "open_image", lambda *a: opened.append(1) or Image.new("L", (1, 1)))
+
+    def spy(*args: object) -> Image.Image:
+        opened.append(1)
+        return Image.new("L", (1, 1))
+
+    monkeypatch.setattr(uploads, "open_image", spy)
     model = Probe(delay_s=0.5)
     app = create_app(Settings(device="cpu", max_batch_size=1, max_queue_images=2), bundle=probe_bundle(model))
     with serving(app) as base:
@@ -166,7 +172,12 @@ def test_64_compressible_pngs_to_a_full_queue_are_refused_without_decoding(bombs
 def test_64_compressible_pngs_to_an_idle_server_break_the_pixel_budget(bombs, monkeypatch, mnist: Bundle) -> None:  # type: ignore[no-untyped-def]
     decoded: list[int] = []
     real = uploads.to_tensor
-    monkeypatch.setattr(uploads, "to_tensor", lambda *a: decoded.append(1) or real(*a))
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        decoded.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(uploads, "to_tensor", spy)
     with serving(create_app(Settings(device="cpu"), bundle=mnist)) as base:
         t0 = time.monotonic()
         r = httpx.post(base + "/v1/detect", files=bombs, timeout=30)
@@ -187,7 +198,7 @@ def test_each_shape_of_request_is_its_own_predict_call() -> None:
     only for the row that asked, and each outcome back to its own job."""
     calls: list[tuple[int, list[str], list[str]]] = []
 
-    def predict(x: torch.Tensor, scores: list[str], heatmaps: list[str]) -> list:  # type: ignore[type-arg]
+    def predict(x: torch.Tensor, scores: Sequence[str], heatmaps: Sequence[str]) -> list:  # type: ignore[type-arg]
         calls.append((len(x), list(scores), list(heatmaps)))
         return [(float(v), tuple(heatmaps)) for v in x[:, 0, 0, 0]]
 
