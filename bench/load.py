@@ -1,14 +1,19 @@
-"""Service throughput and latency under load: what batching buys, and how overload is handled.
+"""Service throughput and latency under load, on the shipped decisions: what batching buys, how
+overload is refused, what a co-batched heatmap request costs its neighbours, and what a request of
+decompression bombs costs.
 
-    python -m bench.load            # -> bench/results/load-cpu.json (needs Debian's wrk)
+    python -m bench.load                                  # both bundles -> bench/results/load-cpu.json (needs Debian's wrk)
+    python -m bench.load --device cuda --out bench/results/load-cuda.json
 
-For max_batch_size 1 and 32 on the default model (`fisherguard serve`, a real process):
-- closed loop (wrk, one thread, C connections, C in 1..64): images/s, p50/p90/p99, 503 rate,
-  mean batch size (from the service's own metrics);
-- open loop (a small asyncio client, Poisson arrivals): latency measured from each request's
-  scheduled send time, so queueing is not hidden, at 0.5x, 1x and 3x the sustainable rate;
-- the engine's offline throughput at the same batch size, in the same run;
-- resident memory of the server before and after a 20,000-request soak at concurrency 64.
+Per bundle, `fisherguard serve` as a real process on the same machine as the load:
+- closed loop (wrk, one thread, C connections) at max_batch_size 1 and 32: images/s, p50/p90/p99,
+  503 rate, mean batch size (from the service's own metrics);
+- open loop (an asyncio client, Poisson arrivals, one connection per request) at 0.5×, 1× and 3× the
+  sustainable rate: latency from each request's scheduled send time (queueing is not hidden) of the
+  accepted requests and of the 503s, lost requests, and the server's resident memory before and after;
+- the engine's offline rate for the same decision at batch 32 (`core.scoring.score`), in the same run;
+- heatmaps: the compute time of default requests batched alone and batched beside `heatmaps=fis` ones;
+- bombs: 64 highly compressible 6000×6000 PNGs in one request, to a full queue and to an idle server.
 """
 
 import argparse
@@ -17,9 +22,12 @@ import json
 import os
 import random
 import signal
+import statistics
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +39,38 @@ from bench.common import environment, free_port, write
 from service.core.bundle import load_bundle
 from service.core.scores import DEFAULT
 from service.core.scoring import score
+from service.serve.gallery import GALLERY
 
 ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = (1, 4, 16, 32, 64)
+LOAD_FACTORS = (0.5, 1.0, 3.0)
 
-IMAGE = ROOT / "tests" / "fixtures" / "digit.png"
 
-
-def start_server(batch: int, port: int, threads: int) -> subprocess.Popen[bytes]:
-    env = {
+def start_server(model: str, batch: int, port: int, threads: int, device: str, **env: str) -> subprocess.Popen[bytes]:
+    environ = {
         **os.environ,
+        "FISHERGUARD_MODEL": model,
+        "FISHERGUARD_DEVICE": device,
         "FISHERGUARD_MAX_BATCH_SIZE": str(batch),
         "FISHERGUARD_TORCH_THREADS": str(threads),
         "FISHERGUARD_LOG_LEVEL": "warning",
+        **env,
     }
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=environ, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.2)
+    proc.kill()
     raise RuntimeError("server did not start")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
 
 
 def scrape(base: str) -> dict[str, float]:
@@ -70,8 +88,9 @@ def mean_batch(before: dict[str, float], after: dict[str, float]) -> float | Non
     return s / n if n else None
 
 
-def run_wrk(base: str, connections: int, seconds: int) -> dict[str, Any]:
+def wrk(base: str, image: Path, connections: int, seconds: int) -> dict[str, Any]:
     """One closed-loop wrk run; wrk's own numbers, as printed by bench/post.lua."""
+    before = scrape(base)
     cmd = [
         "wrk",
         "-t1",
@@ -83,14 +102,8 @@ def run_wrk(base: str, connections: int, seconds: int) -> dict[str, Any]:
         str(ROOT / "bench" / "post.lua"),
         base + "/v1/detect",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FG_IMAGE": str(IMAGE)}, check=True).stdout
-    return dict(json.loads(out.split("WRK_JSON", 1)[1].strip().splitlines()[0]))
-
-
-def wrk(base: str, connections: int, seconds: int) -> dict[str, Any]:
-    before = scrape(base)
-    res = run_wrk(base, connections, seconds)
-    after = scrape(base)
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FG_IMAGE": str(image)}, check=True).stdout
+    res = json.loads(out.split("WRK_JSON", 1)[1].strip().splitlines()[0])
     return {
         "concurrency": connections,
         "images_per_s": (res["requests"] - res["non2xx"]) / res["duration_s"],
@@ -98,26 +111,27 @@ def wrk(base: str, connections: int, seconds: int) -> dict[str, Any]:
         "p90_ms": res["p90_ms"],
         "p99_ms": res["p99_ms"],
         "rate_503": res["non2xx"] / max(res["requests"], 1),
-        "mean_batch_size": mean_batch(before, after),
+        "mean_batch_size": mean_batch(before, scrape(base)),
     }
 
 
-async def _request(host: str, port: int, body: bytes) -> tuple[int, float]:
+async def _request(host: str, port: int, body: bytes, path: str = "/v1/detect", ctype: str = "image/png") -> tuple[int, bytes, float]:
     """One POST on a fresh connection with a minimal HTTP/1.1 client (little CPU per request)."""
     reader, writer = await asyncio.open_connection(host, port)
-    head = (
-        f"POST /v1/detect HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     writer.write(head.encode() + body)
     await writer.drain()
     data = await reader.read()
     writer.close()
-    return int(data.split(b" ", 2)[1]), time.monotonic()
+    return int(data.split(b" ", 2)[1]), data, time.monotonic()
 
 
-async def open_loop(base: str, rate: float, seconds: float, seed: int = 0) -> dict[str, Any]:
+def pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q) * 1000) if values else None
+
+
+async def open_loop(base: str, body: bytes, rate: float, seconds: float, seed: int = 0) -> dict[str, Any]:
     host, port = base.removeprefix("http://").split(":")
-    body = IMAGE.read_bytes()
     rng = random.Random(seed)
     t, schedule = 0.0, []
     while t < seconds:
@@ -128,15 +142,14 @@ async def open_loop(base: str, rate: float, seconds: float, seed: int = 0) -> di
     async def one(at: float) -> tuple[int, float]:
         await asyncio.sleep(max(0.0, start + at - time.monotonic()))
         try:
-            status, done = await asyncio.wait_for(_request(host, int(port), body), 60)
-        except (OSError, TimeoutError):
+            status, _, done = await asyncio.wait_for(_request(host, int(port), body), 60)
+        except (OSError, TimeoutError, IndexError, ValueError):
             return 0, float("nan")
         return status, done - (start + at)  # from the scheduled send time
 
     results = await asyncio.gather(*(one(a) for a in schedule))
     ok = sorted(lat for st, lat in results if st == 200)
     refused = sorted(lat for st, lat in results if st == 503)
-    pct = lambda v, q: float(np.percentile(v, q) * 1000) if v else None  # noqa: E731
     return {
         "offered_per_s": rate,
         "sent": len(schedule),
@@ -145,8 +158,9 @@ async def open_loop(base: str, rate: float, seconds: float, seed: int = 0) -> di
         "lost_or_failed": sum(1 for st, _ in results if st not in (200, 503)),
         "images_per_s": len(ok) / seconds,
         "p50_ms": pct(ok, 50),
-        "p90_ms": pct(ok, 90),
         "p99_ms": pct(ok, 99),
+        "max_ms": pct(ok, 100),
+        "p50_503_ms": pct(refused, 50),
         "p99_503_ms": pct(refused, 99),
     }
 
@@ -158,12 +172,13 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def engine_offline(batch: int, seconds: float = 5.0) -> float:
-    bundle = load_bundle("mnist")
+def engine_offline(model: str, batch: int, device: str, seconds: float = 5.0) -> float:
+    """Images/s of `core.scoring.score` on the decision a default request computes, at this batch size."""
+    bundle = load_bundle(model, device)
     cal = bundle.calibration
     assert cal is not None
-    names = list(dict.fromkeys((*DEFAULT, *cal.decision_scores)))  # what a default request computes
-    x = torch.rand(batch, 1, 28, 28)
+    names = list(dict.fromkeys((*DEFAULT, *cal.decision_scores)))
+    x = torch.rand(batch, *bundle.input_shape)
     score(bundle, x, names)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -172,61 +187,126 @@ def engine_offline(batch: int, seconds: float = 5.0) -> float:
     return n / (time.perf_counter() - t0)
 
 
+async def heatmap_neighbours(base: str, body: bytes, rounds: int = 8, group: int = 16) -> dict[str, Any]:
+    """Server compute time (timing_ms.compute) of `group` default requests sent together, alone and
+    beside `group` requests asking for the fis heatmap (max_delay_ms large enough to batch them)."""
+    host, port = base.removeprefix("http://").split(":")
+
+    async def compute_ms(path: str) -> float:
+        _, data, _ = await _request(host, int(port), body, path)
+        return float(json.loads(data.split(b"\r\n\r\n", 1)[1])["timing_ms"]["compute"])
+
+    alone, mixed = [], []
+    for _ in range(rounds):
+        alone += await asyncio.gather(*(compute_ms("/v1/detect") for _ in range(group)))
+        both = await asyncio.gather(
+            *(compute_ms("/v1/detect") for _ in range(group)), *(compute_ms("/v1/detect?heatmaps=fis") for _ in range(group))
+        )
+        mixed += both[:group]
+    return {
+        "alone_median_ms": statistics.median(alone),
+        "beside_fis_median_ms": statistics.median(mixed),
+        "ratio": statistics.median(mixed) / statistics.median(alone),
+    }
+
+
+def compressible_png(side: int) -> bytes:
+    raw = zlib.compress((b"\0" * (side + 1)) * side, 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", raw)
+        + chunk(b"IEND", b"")
+    )
+
+
+def multipart(files: list[bytes]) -> tuple[bytes, str]:
+    boundary = "fisherguardbench"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
+        + f
+        + b"\r\n"
+        for i, f in enumerate(files)
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def bombs(base: str, proc: subprocess.Popen[bytes], body: bytes, full: bool) -> dict[str, Any]:
+    """64 compressible 6000×6000 PNGs in one request; with full=True while the queue is held full."""
+    host, port = base.removeprefix("http://").split(":")
+    payload, ctype = multipart([compressible_png(6000)] * 64)
+    fillers: list[asyncio.Task[Any]] = []
+    if full:  # a burst far above the queue's room keeps it full for a while
+        fillers = [asyncio.ensure_future(_request(host, int(port), body)) for _ in range(600)]
+        await asyncio.sleep(1.0)
+    rss0, t0 = rss_kb(proc.pid), time.monotonic()
+    status, data, done = await _request(host, int(port), payload, ctype=ctype)
+    out: dict[str, Any] = {"status": status, "ms": 1000 * (done - t0), "rss_growth_kb": rss_kb(proc.pid) - rss0, "bytes": len(payload)}
+    out["code"] = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] if status != 200 else None
+    await asyncio.gather(*fillers, return_exceptions=True)
+    return out
+
+
+def bench_model(model: str, threads: int, device: str, seconds: int) -> dict[str, Any]:
+    image = GALLERY / model / "00-clean.png"
+    body = image.read_bytes()
+    out: dict[str, Any] = {"engine_offline_images_per_s_b32": engine_offline(model, 32, device), "configs": {}}
+    for batch in (1, 32):
+        port = free_port()
+        proc = start_server(model, batch, port, threads, device)
+        base = f"http://127.0.0.1:{port}"
+        cfg: dict[str, Any] = {}
+        try:
+            cfg["closed_loop"] = [wrk(base, image, c, seconds) for c in CONCURRENCY]
+            for row in cfg["closed_loop"]:
+                print(f"{model} b{batch} C={row['concurrency']}: {row['images_per_s']:.1f} img/s p99 {row['p99_ms']:.1f} ms", flush=True)
+            sustainable = max(r["images_per_s"] for r in cfg["closed_loop"])
+            cfg["sustainable_images_per_s"] = sustainable
+            if batch == 32:
+                rss0 = rss_kb(proc.pid)
+                cfg["open_loop"] = [asyncio.run(open_loop(base, body, f * sustainable, seconds)) | {"load_factor": f} for f in LOAD_FACTORS]
+                cfg["rss_kb"] = {"before": rss0, "after": rss_kb(proc.pid)}
+                for row in cfg["open_loop"]:
+                    print(
+                        f"{model} open {row['load_factor']}x: p99 ok {row['p99_ms']} ms, 503 {row['rate_503']:.3f} p99 {row['p99_503_ms']} ms, lost {row['lost_or_failed']}",
+                        flush=True,
+                    )
+                cfg["bombs_full_queue"] = asyncio.run(bombs(base, proc, body, full=True))
+                cfg["bombs_idle"] = asyncio.run(bombs(base, proc, body, full=False))
+                print(f"{model} bombs: full {cfg['bombs_full_queue']}, idle {cfg['bombs_idle']}", flush=True)
+        finally:
+            cfg["exit_status"] = stop(proc)
+        out["configs"][str(batch)] = cfg
+    port = free_port()
+    proc = start_server(model, 32, port, threads, device, FISHERGUARD_MAX_DELAY_MS="50")
+    try:
+        out["heatmap_neighbours"] = asyncio.run(heatmap_neighbours(f"http://127.0.0.1:{port}", body))
+    finally:
+        stop(proc)
+    c1 = {r["concurrency"]: r for r in out["configs"]["1"]["closed_loop"]}
+    c32 = {r["concurrency"]: r for r in out["configs"]["32"]["closed_loop"]}
+    out["batched_over_unbatched_at_c32"] = c32[32]["images_per_s"] / c1[32]["images_per_s"]
+    out["service_over_engine_b32"] = out["configs"]["32"]["sustainable_images_per_s"] / out["engine_offline_images_per_s_b32"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="mnist,cifar10")
     ap.add_argument("--seconds", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server")
-    ap.add_argument("--soak", type=int, default=20_000)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server and the offline engine")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load-cpu.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if not IMAGE.exists():
-        raise SystemExit(f"{IMAGE} is missing")
-    report: dict[str, Any] = {"environment": environment("cpu"), "configs": {}}
-    for batch in (1, 32):
-        port = free_port()
-        proc = start_server(batch, port, a.threads)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            cfg: dict[str, Any] = {"engine_offline_images_per_s": engine_offline(batch)}
-            cfg["closed_loop"] = [wrk(base, c, a.seconds) for c in (1, 2, 4, 8, 16, 32, 64)]
-            for row in cfg["closed_loop"]:
-                print(
-                    f"batch {batch:>2} C={row['concurrency']:>2}: {row['images_per_s']:7.1f} img/s p50 {row['p50_ms']:7.1f} p99 {row['p99_ms']:7.1f} ms 503 {row['rate_503']:.3f} mean batch {row['mean_batch_size']}"
-                )
-            sustainable = max(r["images_per_s"] for r in cfg["closed_loop"])
-            cfg["sustainable_images_per_s"] = sustainable
-            cfg["open_loop"] = [asyncio.run(open_loop(base, f * sustainable, a.seconds)) | {"load_factor": f} for f in (0.5, 1.0, 3.0)]
-            for row in cfg["open_loop"]:
-                print(
-                    f"batch {batch:>2} open {row['load_factor']}x ({row['offered_per_s']:.0f}/s): ok {row['images_per_s']:.1f}/s p50 {row['p50_ms']} p99 {row['p99_ms']} ms, 503 {row['rate_503']:.3f} (p99 {row['p99_503_ms']} ms), lost {row['lost_or_failed']}"
-                )
-            if batch == 32 and a.soak:
-                rss0 = rss_kb(proc.pid)
-                before = scrape(base)
-                res = run_wrk(base, 64, max(10, int(a.soak / max(sustainable, 1)) + 5))  # long enough for a.soak requests
-                after = scrape(base)
-                cfg["soak"] = {
-                    "requests": res["requests"],
-                    "rss_kb_before": rss0,
-                    "rss_kb_after": rss_kb(proc.pid),
-                    "served_by_metrics": after.get('fisherguard_requests_total{route="/v1/detect",status="200"}', 0)
-                    - before.get('fisherguard_requests_total{route="/v1/detect",status="200"}', 0),
-                    "non2xx": res["non2xx"],
-                    "timeouts": res["timeouts"],
-                }
-                print("soak", cfg["soak"])
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            cfg["exit_status"] = proc.wait(timeout=60)
-        report["configs"][str(batch)] = cfg
-    c1 = {r["concurrency"]: r for r in report["configs"]["1"]["closed_loop"]}
-    c32 = {r["concurrency"]: r for r in report["configs"]["32"]["closed_loop"]}
-    report["batched_over_unbatched_at_c32"] = c32[32]["images_per_s"] / c1[32]["images_per_s"]
-    report["service_over_engine_at_saturation_b32"] = (
-        report["configs"]["32"]["sustainable_images_per_s"] / report["configs"]["32"]["engine_offline_images_per_s"]
-    )
-    print(json.dumps({k: v for k, v in report.items() if k not in ("configs",)}, indent=1))
+    report: dict[str, Any] = {"environment": environment(a.device), "models": {}}
+    for model in a.models.split(","):
+        report["models"][model] = bench_model(model, a.threads, a.device, a.seconds)
+        print(json.dumps({k: v for k, v in report["models"][model].items() if k != "configs"}, indent=1), flush=True)
     write(a.out, report)
 
 

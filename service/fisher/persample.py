@@ -197,34 +197,28 @@ def _conv_ghost_products(m: nn.Conv2d, a: Tensor, gs: list[Tensor], ref: int | N
 
 def param_products(tape: Tape, grads: list[list[Tensor]], ref: int | None, conv_ghost: bool = True) -> tuple[Tensor, Tensor | None]:
     """For m cotangents (grads[j][l]: layer l's output gradient for cotangent j), per sample:
-    diag (N, m) = ‖∇_θ_j‖² and, when ref is given, cross (N, m) = ⟨∇_θ_j, ∇_θ_ref⟩.
+    diag (N, m) = ‖∇_θ_j‖² and, when ref is given, cross (N, m) = ⟨∇_θ_j, ∇_θ_ref⟩ — the sums over
+    layers of `layer_products`."""
+    layers = [layer_products(site, [g[i] for g in grads], ref, conv_ghost) for i, site in enumerate(tape.sites)]
+    diag = torch.stack([d for d, _ in layers]).sum(0)
+    return diag, (torch.stack([c for _, c in layers if c is not None]).sum(0) if ref is not None else None)
+
+
+def layer_products(site: Site, gs: list[Tensor], ref: int | None, conv_ghost: bool = True) -> tuple[Tensor, Tensor | None]:
+    """One layer's share of `param_products`: diag (N, m) = ‖∇_{θ_l} c_j·z‖² and cross (N, m) =
+    ⟨∇_{θ_l} c_j·z, ∇_{θ_l} c_ref·z⟩ from its input and its output gradients gs[j] (N, ...).
     conv_ghost=False never takes the ghost-norm path for convolutions (to measure what it buys)."""
-    m = len(grads)
-    diag: list[Tensor] = [torch.zeros(())] * m
-    cross: list[Tensor] = [torch.zeros(())] * m
-    for layer, site in enumerate(tape.sites):
-        mod, a = site.module, site.a
-        gs = [g[layer] for g in grads]
-        if _ghost(mod, a):
-            aa = (a * a).sum(1) + (1.0 if mod.bias is not None else 0.0)  # (N,)
-            for j, g in enumerate(gs):
-                diag[j] = diag[j] + (g * g).sum(1) * aa
-                if ref is not None:
-                    cross[j] = cross[j] + (g * gs[ref]).sum(1) * aa
-            continue
-        if conv_ghost and isinstance(mod, nn.Conv2d) and _conv_ghost(mod, a, gs):
-            d, c = _conv_ghost_products(mod, a, gs, ref)
-            for j in range(m):
-                diag[j] = diag[j] + d[:, j]
-                if c is not None:
-                    cross[j] = cross[j] + c[:, j]
-            continue
-        if isinstance(mod, nn.Conv2d) and _stack_conv(mod, gs):
-            feats = _conv_features_stacked(mod, a, gs)
-        else:
-            feats = [_features(mod, _prepare(mod, a), g) for g in gs]
-        for j, f in enumerate(feats):
-            diag[j] = diag[j] + _dot(f, f)
-            if ref is not None:
-                cross[j] = cross[j] + _dot(f, feats[ref])
-    return torch.stack(diag, 1), (torch.stack(cross, 1) if ref is not None else None)
+    mod, a = site.module, site.a
+    if _ghost(mod, a):
+        aa = (a * a).sum(1) + (1.0 if mod.bias is not None else 0.0)  # (N,)
+        diag = torch.stack([(g * g).sum(1) * aa for g in gs], 1)
+        cross = torch.stack([(g * gs[ref]).sum(1) * aa for g in gs], 1) if ref is not None else None
+        return diag, cross
+    if conv_ghost and isinstance(mod, nn.Conv2d) and _conv_ghost(mod, a, gs):
+        return _conv_ghost_products(mod, a, gs, ref)
+    if isinstance(mod, nn.Conv2d) and _stack_conv(mod, gs):
+        feats = _conv_features_stacked(mod, a, gs)
+    else:
+        feats = [_features(mod, _prepare(mod, a), g) for g in gs]
+    diag = torch.stack([_dot(f, f) for f in feats], 1)
+    return diag, (torch.stack([_dot(f, feats[ref]) for f in feats], 1) if ref is not None else None)
