@@ -8,24 +8,24 @@ decompression bombs costs.
 Per bundle, `fisherguard serve` as a real process on the same machine as the load:
 - closed loop (wrk, one thread, C connections) at max_batch_size 1 and 32: images/s, p50/p90/p99,
   503 rate, mean batch size (from the service's own metrics);
-- open loop (an asyncio client, Poisson arrivals, one connection per request) at 0.5×, 1× and 3× the
+- open loop (bench/openloop.py: Poisson arrivals on keep-alive connections) at 0.5×, 1× and 3× the
   sustainable rate: latency from each request's scheduled send time (queueing is not hidden) of the
   accepted requests and of the 503s, lost requests, and the server's resident memory before and after;
 - the engine's offline rate for the same decision at batch 32 (`core.scoring.score`), in the same run;
 - heatmaps: the compute time of default requests batched alone and batched beside `heatmaps=fis` ones;
-- bombs: 64 highly compressible 6000×6000 PNGs in one request, to a full queue and to an idle server.
+- bombs: requests of 64 highly compressible 6000×6000 PNGs, to an overloaded and to an idle server.
 """
 
 import argparse
 import asyncio
 import json
 import os
-import random
 import signal
 import statistics
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 import torch
 
+from bench import openloop
 from bench.common import environment, free_port, write
 from service.core.bundle import load_bundle
 from service.core.scores import DEFAULT
@@ -130,32 +131,18 @@ def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q) * 1000) if values else None
 
 
-async def open_loop(base: str, body: bytes, rate: float, seconds: float, seed: int = 0) -> dict[str, Any]:
+def open_loop(base: str, body: bytes, rate: float, seconds: float) -> dict[str, Any]:
+    """Poisson arrivals at `rate` on keep-alive connections (bench/openloop.py), latency from the scheduled time."""
     host, port = base.removeprefix("http://").split(":")
-    rng = random.Random(seed)
-    t, schedule = 0.0, []
-    while t < seconds:
-        t += rng.expovariate(rate)
-        schedule.append(t)
-    start = time.monotonic() + 0.1
-
-    async def one(at: float) -> tuple[int, float]:
-        await asyncio.sleep(max(0.0, start + at - time.monotonic()))
-        try:
-            status, _, done = await asyncio.wait_for(_request(host, int(port), body), 60)
-        except (OSError, TimeoutError, IndexError, ValueError):
-            return 0, float("nan")
-        return status, done - (start + at)  # from the scheduled send time
-
-    results = await asyncio.gather(*(one(a) for a in schedule))
-    ok = sorted(lat for st, lat in results if st == 200)
-    refused = sorted(lat for st, lat in results if st == 503)
+    results = openloop.loop_run(openloop.run(host, int(port), openloop.post(host, "/v1/detect", body), rate, seconds))
+    ok = [r.latency_s for r in results if r.status == 200]
+    refused = [r.latency_s for r in results if r.status == 503]
     return {
         "offered_per_s": rate,
-        "sent": len(schedule),
+        "sent": len(results),
         "ok": len(ok),
-        "rate_503": len(refused) / len(schedule),
-        "lost_or_failed": sum(1 for st, _ in results if st not in (200, 503)),
+        "rate_503": len(refused) / max(len(results), 1),
+        "lost_or_failed": sum(1 for r in results if r.status not in (200, 503)),
         "images_per_s": len(ok) / seconds,
         "p50_ms": pct(ok, 50),
         "p99_ms": pct(ok, 99),
@@ -235,20 +222,27 @@ def multipart(files: list[bytes]) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-async def bombs(base: str, proc: subprocess.Popen[bytes], body: bytes, full: bool) -> dict[str, Any]:
-    """64 compressible 6000×6000 PNGs in one request; with full=True while the queue is held full."""
+def bombs(base: str, proc: subprocess.Popen[bytes], body: bytes, overload_rate: float | None, seconds: float) -> dict[str, Any]:
+    """Requests of 64 compressible 6000×6000 PNGs each: to an idle server (one request), or every 0.5 s
+    while an open loop offers `overload_rate` (the queue full most of the time)."""
     host, port = base.removeprefix("http://").split(":")
     payload, ctype = multipart([compressible_png(6000)] * 64)
-    fillers: list[asyncio.Task[Any]] = []
-    if full:  # a burst far above the queue's room keeps it full for a while
-        fillers = [asyncio.ensure_future(_request(host, int(port), body)) for _ in range(600)]
-        await asyncio.sleep(1.0)
-    rss0, t0 = rss_kb(proc.pid), time.monotonic()
-    status, data, done = await _request(host, int(port), payload, ctype=ctype)
-    out: dict[str, Any] = {"status": status, "ms": 1000 * (done - t0), "rss_growth_kb": rss_kb(proc.pid) - rss0, "bytes": len(payload)}
-    out["code"] = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] if status != 200 else None
-    await asyncio.gather(*fillers, return_exceptions=True)
-    return out
+    load: threading.Thread | None = None
+    if overload_rate is not None:
+        load = threading.Thread(target=open_loop, args=(base, body, overload_rate, seconds), daemon=True)
+        load.start()
+        time.sleep(1.0)
+    rss0, rows = rss_kb(proc.pid), []
+    for _ in range(1 if overload_rate is None else int(2 * (seconds - 2))):
+        t0 = time.monotonic()
+        status, data, done = asyncio.run(_request(host, int(port), payload, ctype=ctype))
+        code = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] if status != 200 else None
+        rows.append({"status": status, "code": code, "ms": 1000 * (done - t0)})
+        if overload_rate is not None:
+            time.sleep(0.5)
+    if load is not None:
+        load.join()
+    return {"requests": rows, "rss_growth_kb": rss_kb(proc.pid) - rss0, "bytes": len(payload)}
 
 
 def bench_model(model: str, threads: int, device: str, seconds: int) -> dict[str, Any]:
@@ -268,19 +262,26 @@ def bench_model(model: str, threads: int, device: str, seconds: int) -> dict[str
             cfg["sustainable_images_per_s"] = sustainable
             if batch == 32:
                 rss0 = rss_kb(proc.pid)
-                cfg["open_loop"] = [asyncio.run(open_loop(base, body, f * sustainable, seconds)) | {"load_factor": f} for f in LOAD_FACTORS]
+                cfg["open_loop"] = [open_loop(base, body, f * sustainable, seconds) | {"load_factor": f} for f in LOAD_FACTORS]
                 cfg["rss_kb"] = {"before": rss0, "after": rss_kb(proc.pid)}
                 for row in cfg["open_loop"]:
                     print(
                         f"{model} open {row['load_factor']}x: p99 ok {row['p99_ms']} ms, 503 {row['rate_503']:.3f} p99 {row['p99_503_ms']} ms, lost {row['lost_or_failed']}",
                         flush=True,
                     )
-                cfg["bombs_full_queue"] = asyncio.run(bombs(base, proc, body, full=True))
-                cfg["bombs_idle"] = asyncio.run(bombs(base, proc, body, full=False))
-                print(f"{model} bombs: full {cfg['bombs_full_queue']}, idle {cfg['bombs_idle']}", flush=True)
+                cfg["bombs_overloaded"] = bombs(base, proc, body, 3 * sustainable, seconds)
+                cfg["bombs_idle"] = bombs(base, proc, body, None, seconds)
+                print(f"{model} bombs: overloaded {cfg['bombs_overloaded']['requests']}, idle {cfg['bombs_idle']}", flush=True)
         finally:
             cfg["exit_status"] = stop(proc)
         out["configs"][str(batch)] = cfg
+    port = free_port()  # the engine at the front's own CPU priority, for comparison
+    proc = start_server(model, 32, port, threads, device, FISHERGUARD_ENGINE_NICE="0")
+    try:
+        sustainable = out["configs"]["32"]["sustainable_images_per_s"]
+        out["open_loop_3x_engine_nice_0"] = open_loop(f"http://127.0.0.1:{port}", body, 3 * sustainable, seconds)
+    finally:
+        stop(proc)
     port = free_port()
     proc = start_server(model, 32, port, threads, device, FISHERGUARD_MAX_DELAY_MS="50")
     try:

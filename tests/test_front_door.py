@@ -255,3 +255,18 @@ def test_the_decision_takes_one_forward_pass(mnist: Bundle, digits) -> None:  # 
     assert mnist.mahalanobis is not None and mnist.calibration is not None
     fs = mnist.mahalanobis.scores(mnist.model, x[:4], ["mahalanobis_layers"])["mahalanobis_layers"]
     assert torch.allclose(r.raw["mahalanobis_layers"], fs.cpu(), rtol=1e-6)
+
+
+def test_a_client_gone_mid_body_is_no_server_error(mnist: Bundle) -> None:
+    from tests.test_batching import metric
+
+    with serving(create_app(Settings(device="cpu"), bundle=mnist)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        s = _raw(host, int(port), _head(5000) + b"\x89PNG")  # admitted, then the client goes away
+        s.close()
+        deadline = time.monotonic() + 5
+        while metric(base, 'fisherguard_errors_total{code="client_closed_request"}') < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(base, 'fisherguard_errors_total{code="client_closed_request"}') == 1
+        assert metric(base, 'fisherguard_errors_total{code="internal_error"}') == 0
+        assert httpx.get(base + "/readyz").status_code == 200

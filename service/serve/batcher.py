@@ -9,6 +9,8 @@ request is not refused later for room. The event loop never runs torch work.
 """
 
 import asyncio
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -62,14 +64,25 @@ class Reservation:
             self.open = False
 
 
+def lower_priority(nice: int) -> None:
+    """Raises the calling thread's nice value by `nice` (Linux schedules threads, so only this thread and
+    the compute threads it starts later are affected): the event loop then wins the CPU over the engine."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+
+
 class Batcher:
-    def __init__(self, run_batch: RunBatch, max_batch: int, max_delay_s: float, max_queue: int, metrics: Metrics) -> None:
+    def __init__(
+        self, run_batch: RunBatch, max_batch: int, max_delay_s: float, max_queue: int, metrics: Metrics, engine_nice: int = 0
+    ) -> None:
         self.run_batch, self.max_batch, self.max_delay_s, self.max_queue = run_batch, max_batch, max_delay_s, max_queue
         self.metrics = metrics
         self.reserved = 0  # images admitted but not queued yet
         self.queue: deque[Job] = deque()
         self.wakeup = asyncio.Event()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fisherguard-engine")
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="fisherguard-engine", initializer=lower_priority, initargs=(engine_nice,)
+        )
         self.task: asyncio.Task[None] | None = None
         self.closing = False
 

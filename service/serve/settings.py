@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(256, ge=1, description="images waiting at most; more are answered 503 overloaded")
     request_timeout_ms: float = Field(10_000, gt=0, description="deadline of a request, queue and compute")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    engine_nice: int = Field(10, ge=0, le=19, description="how much lower the engine's CPU priority is than the HTTP front's")
     # limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_images_per_request: int = Field(64, ge=1)

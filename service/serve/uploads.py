@@ -6,6 +6,7 @@ from fastapi import Request
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service.core.bundle import Bundle
 from service.core.images import ImageError, open_image, pixels, to_tensor
@@ -21,11 +22,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise ServiceError(413, "payload_too_large", f"body is {declared} bytes, the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError(413, "payload_too_large", f"body passed {limit} bytes, the limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServiceError(413, "payload_too_large", f"body passed {limit} bytes, the limit")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ServiceError(499, "client_closed_request", "the client disconnected while sending the body") from None
     return b"".join(chunks)
 
 
