@@ -174,11 +174,48 @@ def test_controls_and_parse(mnist: Bundle, digits) -> None:  # type: ignore[no-u
     with pytest.raises(ValueError, match="known: fgsm:EPS"):
         parse_attack("nope:1")
     assert parse_attack("adaptive_l2:3:10", mnist).name == "adaptive_l2:3:10"
-    for bad in ("adaptive:0.3:1:2", "adaptive:x"):
+    with pytest.raises(ValueError, match="adaptive takes EPS"):
+        parse_attack("adaptive:0.3:1:2", mnist)
+    for bad in ("adaptive:x", "pgd_linf:eight"):
         with pytest.raises(ValueError, match="is not a number"):
             parse_attack(bad, mnist)
     with pytest.raises(ValueError, match="needs a calibrated bundle"):
         parse_attack("adaptive:0.3")
+    with pytest.raises(ValueError, match="pgd_linf needs EPS"):
+        parse_attack("pgd_linf")
+    with pytest.raises(ValueError, match="deepfool takes overshoot:steps"):
+        parse_attack("deepfool:0.1:5:9")
+    for spec, family, control in (("deepfool", "deepfool", False), ("art_apgd:8/255:dlr", "art_apgd", False), ("blur:0.7", "blur", True)):
+        a = parse_attack(spec)
+        assert (a.family, a.control) == (family, control), spec
+
+
+def test_the_parameters_of_a_spec_reach_the_attack(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    """One step of PGD moves less than forty; a larger DeepFool overshoot moves further."""
+    x, y = digits
+    one, forty = (parse_attack(s).run(mnist.model, x, y) for s in ("pgd_linf:0.3:1", "pgd_linf:0.3"))
+    assert float((one - x).abs().amax()) <= 0.3 + 1e-6 and _success(mnist.model, x, y, one) < _success(mnist.model, x, y, forty)
+    near, far = (parse_attack(s).run(mnist.model, x, y) for s in ("deepfool", "deepfool:0.5"))
+    assert float((far - x).flatten(1).norm(dim=1).median()) > 1.1 * float((near - x).flatten(1).norm(dim=1).median())
+
+
+@pytest.mark.parametrize(
+    ("spec", "lo", "hi"),
+    [("gnoise:0.05", 0.01, 0.08), ("blur:1", 0.001, 0.2), ("contrast:0.8", 0.005, 0.2), ("brightness:0.05", 0.01, 0.06)],
+)
+def test_the_benign_controls_change_the_image_a_little(mnist: Bundle, digits, spec: str, lo: float, hi: float) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits
+    out = parse_attack(spec).run(mnist.model, x, y)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and lo < float((out - x).abs().mean()) < hi
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["art_apgd:0.3:ce:20", "art_deepfool", "art_square:0.3:200"])
+def test_art_attacks_run_on_the_shipped_model(mnist: Bundle, digits, spec: str) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("art")
+    x, y = digits
+    adv = parse_attack(spec).run(mnist.model, x[:6], y[:6])
+    assert adv.shape == x[:6].shape and _success(mnist.model, x[:6], y[:6], adv) >= 0.5
 
 
 def test_baselines_separate_strong_attacks(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
