@@ -94,3 +94,38 @@ def fis_finite_difference(m: nn.Module, xn: Tensor, y: int, v: Tensor, eps: floa
         diff = [(a - b).detach() / (2 * eps) for a, b in zip(plus, minus, strict=True)]
         out[i] = diff[0] * diff[1] + diff[2] * diff[3]
     return out
+
+
+def profile_reference(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, list[str]]:
+    """Per image and per parametrised module (in the order of its first call): ‖∇_{θ_l} s‖² over the
+    module's own parameters, and ‖∇_{o_l} s‖² of its output, one image at a time in float64."""
+    m = double(model)
+    order: list[str] = []
+    outs: dict[str, Tensor] = {}
+    named = [(n, mod) for n, mod in m.named_modules() if any(p.requires_grad for p in mod.parameters(recurse=False))]
+
+    def keep(name: str, o: Tensor) -> Tensor:
+        if name not in outs:
+            order.append(name)
+        outs[name] = o
+        return o.clone()  # downstream in-place ops (ReLU(inplace=True), `out += x`) must not change what we keep
+
+    hooks = [mod.register_forward_hook(lambda _m, _a, o, name=name: keep(name, o)) for name, mod in named]
+    params, features = [], []
+    try:
+        for xn in x.double():
+            order.clear()
+            outs.clear()
+            z = m(xn[None])[0]
+            y = int(z.argmax())
+            s = z[y] - torch.logsumexp(torch.cat([z[:y], z[y + 1 :]]), 0)
+            mods = dict(named)
+            layer_params = [[p for p in mods[name].parameters(recurse=False) if p.requires_grad] for name in order]
+            grads = torch.autograd.grad(s, [p for ps in layer_params for p in ps] + [outs[name] for name in order])
+            flat = iter(grads)
+            params.append(torch.stack([sum((next(flat) ** 2).sum() for _ in ps) for ps in layer_params]))  # type: ignore[misc]
+            features.append(torch.stack([(next(flat) ** 2).sum() for _ in order]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(params).detach(), torch.stack(features).detach(), list(order)

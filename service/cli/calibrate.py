@@ -6,13 +6,14 @@ from pathlib import Path
 
 from service.cli import common
 from service.core.scores import SCORES
+from service.core.splits import SPLITS
 
 
 def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     c = sub.add_parser("calibrate", help="write calibration.json from clean data")
     c.add_argument("--model", default="mnist")
     c.add_argument("--data", type=Path, help="npz file or class-folder directory (default ../shared/data/<card's file>)")
-    c.add_argument("--split", default="calibration", choices=["calibration", "evaluation", "all"])
+    c.add_argument("--split", default="calibration", choices=SPLITS)
     c.add_argument("--alpha", type=float, default=0.01)
     c.add_argument(
         "--fit-mahalanobis",

@@ -6,13 +6,14 @@ from pathlib import Path
 
 from service.cli import common
 from service.core.scores import DETECTORS
+from service.core.splits import SPLITS
 
 
 def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     e = sub.add_parser("evaluate", help="measure detection against attacks")
     e.add_argument("--model", default="mnist")
     e.add_argument("--data", type=Path)
-    e.add_argument("--split", default="evaluation", choices=["calibration", "evaluation", "all"])
+    e.add_argument("--split", default="evaluation", choices=SPLITS)
     e.add_argument(
         "--attacks",
         default="pgd_linf:0.1,pgd_linf:0.3",

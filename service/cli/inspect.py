@@ -5,13 +5,14 @@ import sys
 from pathlib import Path
 
 from service.cli import common
+from service.core.splits import SPLITS
 
 
 def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     n = sub.add_parser("inspect", help="report a model's Fisher geometry on clean data (Markdown, JSON, plots)")
     n.add_argument("--model", action="append", help="bundle name or directory; repeat to compare models (default mnist)")
     n.add_argument("--data", type=Path, help="npz file or class-folder directory (default ../shared/data/<card's file>)")
-    n.add_argument("--split", default="all", choices=["calibration", "evaluation", "all"])
+    n.add_argument("--split", default="all", choices=SPLITS)
     n.add_argument("--limit", type=int, help="at most this many images (seeded subset)")
     n.add_argument("--out", type=Path, default=Path("bench/results/inspect"))
     n.add_argument("--batch-size", type=int, default=64)

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.core.batches import cat_dicts, map_batches
+from service.core.transforms import bit_depth, median_2x2
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
@@ -191,24 +191,12 @@ class Mahalanobis:
             return cls(pen, layers), meta.get("weights_sha256", "")
 
 
-def _bit_depth(x: Tensor, bits: int) -> Tensor:
-    levels = 2**bits - 1
-    return (x * levels).round() / levels
-
-
-def _median_2x2(x: Tensor) -> Tensor:
-    """2×2 median filter (the lower median of the window), same size output. (N, C, H, W)."""
-    padded = F.pad(x, (0, 1, 0, 1), mode="replicate")
-    windows = padded.unfold(2, 2, 1).unfold(3, 2, 1).flatten(-2)  # (N, C, H, W, 4)
-    return windows.median(-1).values
-
-
 def squeezed(x: Tensor, grad: bool = False) -> list[Tensor]:
     """Feature squeezing's copies of x: bit-depth reduction (1 bit for greyscale, 5 for colour) and a
     2×2 median filter. grad=True passes gradients straight through the bit-depth squeezer (BPDA,
     Athalye et al. 2018), for an adaptive attacker; the median filter is differentiable as is."""
     bits = 1 if x.shape[1] == 1 else 5
-    return [x + (_bit_depth(x, bits) - x).detach() if grad else _bit_depth(x, bits), _median_2x2(x)]
+    return [x + (bit_depth(x, bits) - x).detach() if grad else bit_depth(x, bits), median_2x2(x)]
 
 
 def squeezing_distance(z: Tensor, z_squeezed: Sequence[Tensor]) -> Tensor:

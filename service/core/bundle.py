@@ -17,6 +17,8 @@ from torch import nn
 
 from service.core.baselines import Mahalanobis, available
 from service.core.calibration import Calibration
+from service.core.learned import SCORES as LEARNED
+from service.core.learned import LearnedDetector
 from service.core.scores import ENGINE, SCORES, ScoreSpec
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models"
@@ -35,11 +37,13 @@ class Bundle:
     weights_sha256: str
     calibration: Calibration | None
     mahalanobis: Mahalanobis | None = None  # the Mahalanobis baseline's fit, when the bundle has one
+    detector: LearnedDetector | None = None  # the learned detector, when the bundle has one
 
     @property
     def scores(self) -> dict[str, ScoreSpec]:
-        """Every score this bundle can compute: the engine's and those of its clean-data detectors."""
-        return {k: SCORES[k] for k in (*ENGINE, *available(self.mahalanobis))}
+        """Every score this bundle can compute: the engine's, those of its clean-data detectors and of its
+        learned detector."""
+        return {k: SCORES[k] for k in (*ENGINE, *available(self.mahalanobis), *(LEARNED if self.detector else ()))}
 
     @property
     def name(self) -> str:
@@ -137,7 +141,9 @@ def load_bundle(name_or_path: str | Path, device: str | torch.device = "cpu") ->
     model, digest = load_model(root, card)
     for p in model.parameters():
         p.requires_grad_(True)
-    return Bundle(root, card, model.to(device), digest, load_calibration(root, digest), load_mahalanobis(root, digest))
+    return Bundle(
+        root, card, model.to(device), digest, load_calibration(root, digest), load_mahalanobis(root, digest), load_detector(root, digest)
+    )
 
 
 def load_mahalanobis(root: Path, digest: str) -> Mahalanobis | None:
@@ -150,3 +156,15 @@ def load_mahalanobis(root: Path, digest: str) -> Mahalanobis | None:
             f"{path} was fitted for weights with sha256 {made_for!r}, not {digest}: refit with `fisherguard calibrate --fit-mahalanobis N`"
         )
     return fit
+
+
+def load_detector(root: Path, digest: str) -> LearnedDetector | None:
+    path = root / "detector.safetensors"
+    if not path.is_file():
+        return None
+    detector, made_for = LearnedDetector.load(path)
+    if made_for != digest:
+        raise BundleError(
+            f"{path} was trained for weights with sha256 {made_for!r}, not {digest}: train it again with `fisherguard fit-detector`"
+        )
+    return detector

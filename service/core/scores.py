@@ -1,8 +1,9 @@
 """The one registry of every score a bundle can serve, and the form scores are thresholded in
 (docs/detection.md#scores).
 
-Two producers fill it: the Fisher engine (`service.fisher.compute`: the predictive baselines and the
-Fisher scores) and the clean-data detectors of `service.core.baselines`.
+Three producers fill it: the Fisher engine (`service.fisher.compute`: the predictive baselines and the
+Fisher scores), the clean-data detectors of `service.core.baselines`, and a bundle's learned detector
+(`service.core.learned`: `learned` and the neighbourhood Fisher score `fisher_noise_shift`).
 """
 
 from collections.abc import Mapping
@@ -15,10 +16,12 @@ from service.fisher import SCORES as ENGINE
 from service.fisher import ScoreSpec
 from service.fisher.scores import LOG_FLOOR
 
-DETECTORS: dict[str, ScoreSpec] = {  # computed by service.core.baselines
+DETECTORS: dict[str, ScoreSpec] = {  # computed by service.core.baselines and service.core.learned
     "mahalanobis": ScoreSpec("high", False),
     "mahalanobis_layers": ScoreSpec("high", False),
     "feature_squeezing": ScoreSpec("high", False),
+    "learned": ScoreSpec("high", False),
+    "fisher_noise_shift": ScoreSpec("high", False),
 }
 SCORES: dict[str, ScoreSpec] = ENGINE | DETECTORS
 DEFAULT = ("confidence", "entropy", "margin")  # what a response carries when the request names no scores

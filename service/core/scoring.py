@@ -13,6 +13,8 @@ from torch import Tensor
 from service.core.baselines import forward_scores
 from service.core.batches import cat_batches, device_of, progress
 from service.core.bundle import Bundle
+from service.core.features import extract
+from service.core.learned import SCORES as LEARNED
 from service.core.scores import detectors, engine, thresholded_all
 from service.fisher import compute
 from service.fisher.basics import predictive
@@ -50,7 +52,16 @@ def score(bundle: Bundle, x: Tensor, names: Sequence[str], heatmaps: Sequence[st
         raise ValueError(f"bundle {bundle.name} cannot compute {unknown}; it has {sorted(bundle.scores)}")
     x = x.to(device_of(bundle.model))
     names = list(dict.fromkeys(names))
-    z, values = forward_scores(bundle.model, x, detectors(names), bundle.mahalanobis)  # one forward: x and its copies
+    learned = [n for n in names if n in LEARNED]
+    if learned:  # one recorded forward and backward of x, one forward of its copies (service.core.features)
+        assert bundle.detector is not None
+        raw = extract(bundle.model, x, bundle.detector.spec, bundle.mahalanobis)
+        values = bundle.detector.scores(raw, learned)
+        rest = [n for n in detectors(names) if n not in LEARNED]
+        z = raw.logits
+        values |= forward_scores(bundle.model, x, rest, bundle.mahalanobis)[1] if rest else {}
+    else:
+        z, values = forward_scores(bundle.model, x, detectors(names), bundle.mahalanobis)  # one forward: x and its copies
     p, y, forward_only = predictive(z)
     values |= forward_only
     maps: dict[str, Tensor] = {}

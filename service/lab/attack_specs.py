@@ -9,12 +9,12 @@ from fractions import Fraction
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
 from service.core.bundle import Bundle
 from service.core.calibration import Component
+from service.core.transforms import gaussian_blur
 from service.lab import adaptive, art_attacks, attacks
 
 AttackFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -68,17 +68,6 @@ def jpeg(x: Tensor, quality: int) -> Tensor:
         dec = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255
         out.append(torch.from_numpy(dec.reshape(arr.shape)).permute(2, 0, 1))
     return torch.stack(out).to(x.device)
-
-
-def blur(x: Tensor, sigma: float) -> Tensor:
-    """A Gaussian blur of standard deviation σ pixels (reflect padding)."""
-    r = max(1, int(3 * sigma + 0.5))
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    g = torch.exp(-(t**2) / (2 * sigma**2))
-    g = g / g.sum()
-    c = x.shape[1]
-    y = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c).clamp(0, 1)
 
 
 def contrast(x: Tensor, factor: float) -> Tensor:
@@ -137,7 +126,7 @@ KINDS: dict[str, Kind] = {
     "noise": Kind((("eps", None),), lambda eps: lambda m, x, y: uniform_noise(x, eps), control=True, family="noise"),
     "gnoise": Kind((("sigma", None),), lambda s: lambda m, x, y: gaussian_noise(x, s), control=True, family="gnoise"),
     "jpeg": Kind((("quality", None),), lambda q: lambda m, x, y: jpeg(x, _i(q)), control=True, family="jpeg"),
-    "blur": Kind((("sigma", None),), lambda s: lambda m, x, y: blur(x, s), control=True, family="blur"),
+    "blur": Kind((("sigma", None),), lambda s: lambda m, x, y: gaussian_blur(x, s), control=True, family="blur"),
     "contrast": Kind((("factor", None),), lambda f: lambda m, x, y: contrast(x, f), control=True, family="contrast"),
     "brightness": Kind((("delta", None),), lambda d: lambda m, x, y: brightness(x, d), control=True, family="brightness"),
 }

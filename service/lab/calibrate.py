@@ -145,4 +145,10 @@ def run(
             raise ValueError("--scores changes the decision of an existing calibration: this bundle has none")
         return redecide(bundle.calibration, clean_scores(scores), alpha, spec.statistic, spec.tail, spec.components)
     images = load_dataset(data, split, bundle.classes, bundle.input_shape)
+    trained = bundle.detector.meta.get("data", {}) if bundle.detector is not None else {}
+    if trained.get("sha256") == images.sha256 and split in ("calibration", "calibration-a", "all"):
+        raise ValueError(
+            f"this bundle's learned detector was trained on {trained.get('split')} of this data: calibrate on images it "
+            "never saw (--split calibration-b), or the conformal guarantee does not hold"
+        )
     return calibrate(bundle, images, alpha, spec.statistic, spec.tail, batch_size, progress, components=spec.components)

@@ -11,8 +11,7 @@ from PIL import Image
 
 from service.core.bundle import sha256_file
 from service.core.images import decode
-
-SPLITS = ("calibration", "evaluation", "all")
+from service.core.splits import split_indices
 
 
 @dataclass
@@ -21,14 +20,6 @@ class Dataset:
     y: torch.Tensor  # (N,) long
     description: str
     sha256: str
-
-
-def split_indices(n: int, split: str) -> np.ndarray:
-    """perm = default_rng(0).permutation(n): perm[:n//2] calibrates, perm[n//2:] evaluates."""
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {SPLITS}")
-    perm = np.random.default_rng(0).permutation(n)
-    return {"calibration": perm[: n // 2], "evaluation": perm[n // 2 :], "all": np.arange(n)}[split]
 
 
 def _from_npz(path: Path, split: str = "test", pick: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +81,11 @@ def load_dataset(
     if tuple(x.shape[1:]) != shape:
         raise ValueError(f"{path}: images are {tuple(x.shape[1:])}, the model takes {shape}")
     idx = split_indices(len(x), split)
+    part = {"calibration-a": "part A of the calibration half", "calibration-b": "part B of the calibration half"}.get(
+        split, f"{split} half"
+    )
     desc = (
-        f"{path.name} test set, {split} half of numpy.random.default_rng(0).permutation({len(x)})"
-        if split != "all"
-        else f"{path.name} test set"
+        f"{path.name} test set, {part} of numpy.random.default_rng(0).permutation({len(x)})" if split != "all" else f"{path.name} test set"
     )
     return Dataset(x[idx], y[idx], desc, digest)
 

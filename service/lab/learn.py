@@ -1,0 +1,302 @@
+"""Training the learned detector (`fisherguard fit-detector`, docs/detection.md#learned-detector).
+
+Part A of the calibration half trains it: its clean, correctly classified images and benign controls
+of them are the negatives, the successful training attacks on a seeded subset of them the positives.
+Part B validates it: for every training family F a model trained without F is measured on F's attacks
+on part-B images (leave one family out), beside the clean part-B images that set the thresholds.
+Attacks of families the detector is not trained on are not looked at here at all: they are kept for
+the evaluation half.
+"""
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.core.batches import device_of
+from service.core.bundle import Bundle
+from service.core.calibration import conformal_p_value
+from service.core.features import FeatureSpec, RawFeatures, extract
+from service.core.learned import LearnedDetector
+from service.core.scoring import predict
+from service.lab.attack_specs import Attack, parse_attack
+from service.lab.data import Dataset, load_dataset, seeded_pick
+from service.lab.evaluate import ALPHAS, run_attack
+from service.lab.stats import roc_auc
+
+Table = dict[str, np.ndarray]  # column -> (N,), plus "shift" (N, K) and "predicted" (N,)
+
+
+@dataclass
+class Options:
+    """How the detector is built and trained."""
+
+    spec: FeatureSpec
+    kind: str = "linear"  # or "mlp"
+    hidden: int = 32
+    l2: float = 1e-3  # weight decay on the standardised inputs
+    control_weight: float = 3.0  # total weight of the controls, relative to the clean images'
+    seed: int = 0
+
+
+@dataclass
+class Sets:
+    """Feature tables of one part: clean images, and per attack or control spec its kept images."""
+
+    clean: Table
+    adv: dict[str, Table] = field(default_factory=dict)
+
+
+def correct(bundle: Bundle, data: Dataset) -> Dataset:
+    keep = predict(bundle, data.x) == data.y
+    return Dataset(data.x[keep], data.y[keep], data.description + ", correctly classified", data.sha256)
+
+
+def features(bundle: Bundle, x: torch.Tensor, spec: FeatureSpec, batch: int = 64) -> Table:
+    """The raw feature columns of x, batch by batch, as numpy (float64)."""
+    parts: list[RawFeatures] = [
+        extract(bundle.model, x[i : i + batch].to(device_of(bundle.model)), spec, bundle.mahalanobis) for i in range(0, len(x), batch)
+    ]
+    table = {k: torch.cat([p.columns[k] for p in parts]).cpu().numpy() for k in parts[0].columns}
+    table["shift"] = torch.cat([p.shift for p in parts]).cpu().numpy()
+    table["predicted"] = torch.cat([p.predicted for p in parts]).cpu().numpy()
+    return table
+
+
+def cached_features(bundle: Bundle, x: torch.Tensor, spec: FeatureSpec, cache: Path | None, key: str) -> Table:
+    """`features`, kept in the cache under the images' key and the feature options."""
+    digest = hashlib.sha256(f"{key}|{spec}|{bundle.mahalanobis is not None}".encode()).hexdigest()[:16]
+    path = cache / f"features-{digest}.npz" if cache else None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    table = features(bundle, x, spec)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **table)  # type: ignore[arg-type]
+    return table
+
+
+def images_key(bundle: Bundle, data: Dataset, what: str, limit: int | None) -> str:
+    """What identifies a set of images: the weights, the data, the attack (or `clean`) and the subset size."""
+    return hashlib.sha256(f"{bundle.weights_sha256}|{data.description}|{what}|{limit}".encode()).hexdigest()[:16]
+
+
+def attacked(
+    bundle: Bundle, data: Dataset, attack: Attack, limit: int, cache: Path | None, batch: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attack on a seeded subset of `limit` images, 8-bit quantised; successful ones only (a control
+    keeps every image). Cached by weights, data, spec and limit."""
+    key = images_key(bundle, data, attack.name, limit)
+    path = cache / f"{attack.name.replace(':', '_').replace('/', '-')}-{key}.npz" if cache else None
+    pick = torch.from_numpy(seeded_pick(len(data.y), limit))
+    x, y = data.x[pick], data.y[pick]
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            adv = torch.from_numpy(z["x"]).float().div(255)
+    else:
+        adv = run_attack(attack, bundle, x, y, batch)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(path, x=(adv * 255).round().byte().numpy())
+    keep = torch.ones(len(y), dtype=torch.bool) if attack.control else predict(bundle, adv) != y
+    return adv[keep], y[keep]
+
+
+def shift_stats(table: Table, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per predicted class c the clean mean and standard deviation of the shift of z_k − z_c (K, K);
+    classes with fewer than 2 clean images take the pooled values."""
+    shift, pred = table["shift"], table["predicted"]
+    mu, sd = np.tile(shift.mean(0), (k, 1)), np.tile(shift.std(0) + 1e-9, (k, 1))
+    for c in range(k):
+        rows = shift[pred == c]
+        if len(rows) >= 2:
+            mu[c], sd[c] = rows.mean(0), rows.std(0) + 1e-9
+    return mu, sd
+
+
+def columns(table: Table) -> list[str]:
+    """The detector's input columns: every feature column of the table, then Roth et al.'s noise shift."""
+    return [n for n in table if n not in ("shift", "predicted")] + ["noise_shift"]
+
+
+def raw(table: Table) -> RawFeatures:
+    cols = {k: torch.from_numpy(v) for k, v in table.items() if k not in ("shift", "predicted")}
+    return RawFeatures(torch.zeros(0), torch.from_numpy(table["predicted"]).long(), cols, torch.from_numpy(table["shift"]))
+
+
+def train(
+    a: Sets, attacks: Sequence[str], controls: Sequence[str], opts: Options, names: list[str], stats: tuple[np.ndarray, np.ndarray]
+) -> LearnedDetector:
+    """Fits the model: clean part-A images (weight 1 in all), the controls (`control_weight` in all, the
+    same for each) negatives; the attacks (weight 1 in all, the same for each) positives."""
+    mu, sd = (torch.from_numpy(s) for s in stats)
+    empty = LearnedDetector(opts.spec, tuple(names), mu, sd, torch.zeros(len(names)), torch.ones(len(names)), {})
+    groups = (
+        [(a.clean, 0.0, 1.0)]
+        + [(a.adv[c], 0.0, opts.control_weight / len(controls)) for c in controls]
+        + [(a.adv[s], 1.0, 1.0 / len(attacks)) for s in attacks if len(a.adv[s]["margin"])]
+    )
+    mats = [empty.matrix(raw(t)) for t, _, _ in groups]  # unstandardised yet: mean 0, std 1
+    x = torch.cat(mats)
+    y = torch.cat([torch.full((len(m),), label, dtype=torch.float64) for m, (_, label, _) in zip(mats, groups, strict=True)])
+    w = torch.cat(
+        [torch.full((len(m),), weight / max(len(m), 1), dtype=torch.float64) for m, (_, _, weight) in zip(mats, groups, strict=True)]
+    )
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-9)
+    weights = _fit((x - mean) / std, y, w / w.sum(), opts)
+    return LearnedDetector(opts.spec, tuple(names), mu, sd, mean, std, weights)
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, opts: Options) -> dict[str, torch.Tensor]:
+    """Weighted logistic loss + l2, by L-BFGS (linear) or Adam then L-BFGS (mlp); float64, seeded."""
+    gen = torch.Generator().manual_seed(opts.seed)
+    f = x.shape[1]
+    if opts.kind == "mlp":
+        params = {
+            "w1": (torch.randn(opts.hidden, f, generator=gen, dtype=torch.float64) / f**0.5).requires_grad_(),
+            "b1": torch.zeros(opts.hidden, dtype=torch.float64, requires_grad=True),
+            "w2": (torch.randn(opts.hidden, generator=gen, dtype=torch.float64) / opts.hidden**0.5).requires_grad_(),
+            "b2": torch.zeros((), dtype=torch.float64, requires_grad=True),
+        }
+    else:
+        params = {
+            "w": torch.zeros(f, dtype=torch.float64, requires_grad=True),
+            "b": torch.zeros((), dtype=torch.float64, requires_grad=True),
+        }
+
+    def logit(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        if opts.kind == "mlp":
+            return torch.tanh(x @ p["w1"].T + p["b1"]) @ p["w2"] + p["b2"]
+        return x @ p["w"] + p["b"]
+
+    def loss() -> torch.Tensor:
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit(params), y, weight=w, reduction="sum")
+        return bce + opts.l2 * sum((v * v).sum() for k, v in params.items() if k.startswith("w"))  # type: ignore[return-value]
+
+    if opts.kind == "mlp":
+        adam = torch.optim.Adam(params.values(), lr=1e-2)
+        for _ in range(500):
+            adam.zero_grad()
+            loss().backward()  # type: ignore[no-untyped-call]
+            adam.step()
+    lbfgs = torch.optim.LBFGS(
+        params.values(), lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        value = loss()
+        value.backward()  # type: ignore[no-untyped-call]
+        return value
+
+    lbfgs.step(closure)  # type: ignore[no-untyped-call]
+    return {k: v.detach() for k, v in params.items()}
+
+
+def measure(detector: LearnedDetector, clean_b: Table, adv_b: Table) -> dict[str, float]:
+    """AUC and TPR at α against the clean part-B scores (conformal p-values), for one attack on part B."""
+    s_clean = detector.logit(raw(clean_b)).numpy()
+    s_adv = detector.logit(raw(adv_b)).numpy()
+    p = conformal_p_value(np.sort(s_clean), s_adv, "high")
+    return {"n": len(s_adv), "auc": roc_auc(s_clean, s_adv) if len(s_adv) else float("nan")} | {
+        f"tpr@{a}": float((p <= a).mean()) if len(p) else float("nan") for a in ALPHAS
+    }
+
+
+def fit_detector(
+    bundle: Bundle,
+    data: Path,
+    attack_specs: Sequence[str],
+    control_specs: Sequence[str],
+    opts: Options,
+    limit: int = 500,
+    validate_limit: int = 300,
+    cache: Path | None = None,
+    log: Any = print,
+) -> tuple[LearnedDetector, dict[str, Any]]:
+    """The detector trained on every training attack, and the report: per training spec its part-B
+    row when trained on everything (seen) and without its family (leave one family out)."""
+    t0 = time.time()
+    parts = {p: correct(bundle, load_dataset(data, f"calibration-{p}", bundle.classes, bundle.input_shape)) for p in ("a", "b")}
+    specs = [parse_attack(s, bundle) for s in (*attack_specs, *control_specs)]
+    bad = [s.name for s in specs[: len(attack_specs)] if s.control] + [s.name for s in specs[len(attack_specs) :] if not s.control]
+    if bad:
+        raise ValueError(f"{bad}: attacks go in --attacks, benign controls in --controls")
+    sets = {}
+    for p, d in parts.items():
+        n = limit if p == "a" else validate_limit
+        sets[p] = Sets(cached_features(bundle, d.x, opts.spec, cache, images_key(bundle, d, "clean", None)))
+        for spec in specs:
+            x, _ = attacked(bundle, d, spec, n, cache)
+            sets[p].adv[spec.name] = cached_features(bundle, x, opts.spec, cache, images_key(bundle, d, spec.name, n)) if len(x) else {}
+            log(f"part {p.upper()} {spec.name}: {len(x)} images ({time.time() - t0:.0f} s)")
+    k = int(bundle.model(parts["a"].x[:1].to(device_of(bundle.model))).shape[1])
+    stats = shift_stats(sets["a"].clean, k)
+    names = columns(sets["a"].clean)
+    attacks = [s.name for s in specs if not s.control]
+    controls = [s.name for s in specs if s.control]
+    for name in attacks + controls:  # an attack with no successful image has no table
+        for p in ("a", "b"):
+            if not sets[p].adv[name]:
+                sets[p].adv[name] = {c: np.zeros((0, *v.shape[1:])) for c, v in sets[p].clean.items()}
+    detector = train(sets["a"], attacks, controls, opts, names, stats)
+    families = {s.name: s.family for s in specs}
+    rows: dict[str, Any] = {}
+    for name in attacks + controls:
+        rows[name] = {
+            "family": families[name],
+            "control": name in controls,
+            "seen": measure(detector, sets["b"].clean, sets["b"].adv[name]),
+        }
+    for family in sorted({families[a] for a in attacks}):
+        without = train(sets["a"], [a for a in attacks if families[a] != family], controls, opts, names, stats)
+        for name in (a for a in attacks if families[a] == family):
+            rows[name]["left_out"] = measure(without, sets["b"].clean, sets["b"].adv[name])
+    detector.meta = {
+        "data": {"description": parts["a"].description, "sha256": parts["a"].sha256, "split": "calibration-a"},
+        "attacks": list(attack_specs),
+        "controls": list(control_specs),
+        "families": sorted({families[a] for a in attacks}),
+        "control_families": sorted({families[c] for c in controls}),
+        "options": {"kind": opts.kind, "hidden": opts.hidden, "l2": opts.l2, "control_weight": opts.control_weight, "seed": opts.seed},
+        "n_clean": len(parts["a"].y),
+    }
+    report = {
+        "detector": detector.meta | {"columns": names},
+        "clean_b": len(parts["b"].y),
+        "rows": rows,
+        "seconds": round(time.time() - t0),
+    }
+    return detector, report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    d = report["detector"]
+    lines = [
+        f"# Learned detector ({d['options']['kind']}, {len(d['columns'])} features)",
+        "",
+        f"Trained on part A ({d['n_clean']} clean images) with attacks {', '.join(d['attacks'])} and controls {', '.join(d['controls'])}; "
+        f"measured on part B ({report['clean_b']} clean images set the thresholds). Each cell: AUC / TPR@0.05 / TPR@0.01.",
+        "",
+        "| spec | family | n | trained on everything | trained without its family |",
+        "|---|---|---|---|---|",
+    ]
+    fmt = lambda r: f"{r['auc']:.3f} / {r['tpr@0.05']:.3f} / {r['tpr@0.01']:.3f}" if r else "—"  # noqa: E731
+    for name, r in report["rows"].items():
+        lines.append(
+            f"| {name}{' (control)' if r['control'] else ''} | {r['family']} | {r['seen']['n']} | {fmt(r['seen'])} | {fmt(r.get('left_out'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "detector.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "detector.md").write_text(markdown(report))

@@ -1,0 +1,199 @@
+"""The learned detector's features against their definitions, its model, file and training
+(docs/detection.md#learned-detector)."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.core.baselines import Mahalanobis
+from service.core.bundle import Bundle, load_bundle
+from service.core.features import FeatureSpec, extract
+from service.core.learned import LearnedDetector
+from service.core.transforms import median_2x2
+from service.fisher import compute
+from service.fisher.noise import seeded_noise
+from service.fisher.profile import profile
+from service.lab import learn
+from tests.small_models import make
+
+SPEC = FeatureSpec(0.05, 4, ("median2", "bits4"))
+
+
+def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+@pytest.mark.parametrize("name", ["bncnn", "air"])
+def test_the_columns_are_what_their_definitions_say(name: str) -> None:
+    model, shape = make(name)
+    x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(8))
+    gen = torch.Generator().manual_seed(9)
+    fit = Mahalanobis.fit(model, torch.rand(40, *shape, generator=gen), torch.randint(0, 3, (40,), generator=gen))
+    raw = extract(model, x, SPEC, fit)
+    r = compute(model, x, ["margin", "entropy", "sensitivity"])
+    for col, want in (
+        ("margin", r.scores["margin"]),
+        ("entropy", r.scores["entropy"]),
+        ("log_sensitivity", r.scores["sensitivity"].log10()),
+    ):
+        torch.testing.assert_close(raw.columns[col], want, rtol=1e-4, atol=1e-6)
+    pr = profile(model, x)
+    torch.testing.assert_close(raw.columns["log_param_total"], pr.log_totals()[:, 0], rtol=1e-4, atol=1e-6)
+    shares = pr.log_shares()
+    for i, layer in enumerate(pr.layers):
+        torch.testing.assert_close(raw.columns[f"param_share/{layer}"], shares[:, i], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(raw.columns[f"feature_share/{layer}"], shares[:, len(pr.layers) + i], rtol=1e-3, atol=1e-5)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(x).double(), 1)
+        lq = torch.log_softmax(model(median_2x2(x)).double(), 1)
+        eta = seeded_noise(x, 2)  # the antithetic pairs: x ± σ η_j
+        noisy = [torch.log_softmax(model((x + sign * 0.05 * eta[:, j]).clamp(0, 1)).double(), 1) for j in range(2) for sign in (1, -1)]
+    torch.testing.assert_close(raw.columns["squeeze_kl/median2"], _kl(lp, lq).clamp_min(1e-30).log10(), rtol=1e-3, atol=1e-5)
+    kl = torch.stack([_kl(lp, q) for q in noisy]).mean(0)
+    torch.testing.assert_close(raw.columns["noise_kl"], kl.clamp_min(1e-30).log10(), rtol=1e-3, atol=1e-5)
+    y = lp.argmax(1)
+    with torch.no_grad():
+        z = model(x).double()
+        zq = torch.stack([model((x + sign * 0.05 * eta[:, j]).clamp(0, 1)).double() for j in range(2) for sign in (1, -1)])
+    shift = (zq - zq.gather(2, y[None, :, None].expand(4, -1, 1))).mean(0) - (z - z.gather(1, y[:, None]))
+    torch.testing.assert_close(raw.shift, shift, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(raw.columns["log_mahalanobis"], fit.score(model, x).log10(), rtol=1e-6, atol=1e-9)
+
+
+def test_the_columns_are_differentiable_in_x() -> None:
+    model, shape = make("bncnn")
+    model = model.double()
+    x = torch.rand(2, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10), requires_grad=True)
+    spec = FeatureSpec(0.3, 2, ("median2",))  # a KL of ~1e-8 (σ 0.05 here) is below what finite differences resolve
+    eta = seeded_noise(x.detach().float(), 1).double()  # the draw the served value takes, held fixed
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        raw = extract(model, t, spec, None, grad=True, eta=eta)
+        return torch.stack([raw.columns[c] for c in ("log_sensitivity", "log_param_total", "squeeze_kl/median2", "noise_kl")]).sum(
+            0
+        ) + raw.shift.sum(1)
+
+    assert torch.autograd.gradcheck(f, (x,), fast_mode=True, atol=1e-5, rtol=1e-3)
+    same = extract(model, x.detach(), spec, None)
+    torch.testing.assert_close(
+        extract(model, x, spec, None, grad=True).columns["noise_kl"].detach(), same.columns["noise_kl"], rtol=1e-4, atol=1e-5
+    )
+
+
+def _detector(kind: str) -> LearnedDetector:
+    gen = torch.Generator().manual_seed(11)
+    names = ("margin", "entropy", "noise_shift")
+    weights = (
+        {
+            "w1": torch.randn(5, 3, generator=gen, dtype=torch.float64),
+            "b1": torch.randn(5, generator=gen, dtype=torch.float64),
+            "w2": torch.randn(5, generator=gen, dtype=torch.float64),
+            "b2": torch.tensor(0.3, dtype=torch.float64),
+        }
+        if kind == "mlp"
+        else {"w": torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), "b": torch.tensor(-0.25, dtype=torch.float64)}
+    )
+    k = 4
+    return LearnedDetector(
+        SPEC,
+        names,
+        torch.randn(k, k, generator=gen, dtype=torch.float64),
+        torch.rand(k, k, generator=gen, dtype=torch.float64) + 0.5,
+        torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64),
+        torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64),
+        weights,
+    )
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_the_model_computes_its_formula_and_survives_its_file(kind: str, tmp_path: Path) -> None:
+    det = _detector(kind)
+    gen = torch.Generator().manual_seed(12)
+    table = {
+        "margin": np.array([1.0, -2.0, 3.0]),
+        "entropy": np.array([0.1, 0.9, 0.5]),
+        "shift": torch.randn(3, 4, generator=gen, dtype=torch.float64).numpy(),
+        "predicted": np.array([0, 2, 3]),
+    }
+    raw = learn.raw(table)
+    y = raw.predicted
+    z = (raw.shift - det.shift_mean[y]) / det.shift_std[y]
+    z[torch.arange(3), y] = -torch.inf
+    assert torch.equal(det.noise_shift(raw), z.amax(1))
+    h = (torch.stack([raw.columns["margin"], raw.columns["entropy"], z.amax(1)], 1) - det.mean) / det.std
+    w = det.weights
+    want = torch.tanh(h @ w["w1"].T + w["b1"]) @ w["w2"] + w["b2"] if kind == "mlp" else h @ w["w"] + w["b"]
+    torch.testing.assert_close(det.logit(raw), want)
+    det.meta = {"families": ["pgd_linf"]}
+    det.save(tmp_path / "d.safetensors", "ab" * 32)
+    back, sha = LearnedDetector.load(tmp_path / "d.safetensors")
+    assert sha == "ab" * 32 and back.kind == kind and back.names == det.names and back.spec == det.spec and back.meta == det.meta
+    torch.testing.assert_close(back.logit(raw), det.logit(raw))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_training_separates_what_can_be_separated_and_keeps_controls_down(kind: str) -> None:
+    """Synthetic columns: the attacks are shifted in `margin` and `entropy`, a control in `entropy` as far:
+    weighted far above the clean images together, the control teaches the model to ignore entropy;
+    without it, the model flags the control too."""
+    rng = np.random.default_rng(0)
+
+    def table(n: int, dm: float, de: float) -> learn.Table:
+        return {
+            "margin": rng.normal(dm, 1, n),
+            "entropy": rng.normal(de, 1, n),
+            "shift": rng.normal(0, 1, (n, 3)),
+            "predicted": rng.integers(0, 3, n),
+        }
+
+    a = learn.Sets(table(600, 0, 0), {"pgd": table(300, 3, 3), "noise": table(300, 0, 3)})
+    names = ["margin", "entropy", "noise_shift"]
+    stats = learn.shift_stats(a.clean, 3)
+    b_clean, b_pgd, b_noise = table(2000, 0, 0), table(500, 3, 3), table(500, 0, 3)
+    det = learn.train(a, ["pgd"], ["noise"], learn.Options(SPEC, kind=kind, hidden=4, control_weight=30, l2=1e-5), names, stats)
+    assert learn.measure(det, b_clean, b_pgd)["tpr@0.05"] > 0.8
+    assert learn.measure(det, b_clean, b_noise)["tpr@0.05"] < 0.12
+    blind = learn.train(a, ["pgd"], ["noise"], learn.Options(SPEC, kind=kind, hidden=4, control_weight=0), names, stats)
+    assert learn.measure(blind, b_clean, b_noise)["tpr@0.05"] > 0.5
+
+
+@pytest.mark.slow
+def test_fit_detector_end_to_end_and_calibrate_on_part_b(tmp_path: Path, mnist: Bundle) -> None:
+    """fit-detector on 96 fixture digits (parts A and B of 24), then calibrate on part B (part A is
+    refused), serve the score and see it in the bundle's scores."""
+    from service.cli import main
+    from tests.conftest import FIXTURES
+
+    f = np.load(FIXTURES / "mnist_eval512.npz")
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, x_test=f["x"][:96], y_test=f["y"][:96], x_train=f["x"], y_train=f["y"])
+    dst = tmp_path / "b"
+    shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    args = ["fit-detector", "--model", str(dst), "--data", str(npz), "--attacks", "pgd_linf:0.3:5,fgsm:0.3", "--controls", "noise:0.1"]
+    args += [
+        "--limit",
+        "12",
+        "--validate-limit",
+        "12",
+        "--sigma",
+        "0.1",
+        "--squeezers",
+        "bits1,median2",
+        "--report",
+        str(tmp_path / "r"),
+        "--cache",
+        str(tmp_path / "c"),
+    ]
+    assert main(args) == 0
+    rows = __import__("json").loads((tmp_path / "r" / "detector.json").read_text())["rows"]
+    assert rows["pgd_linf:0.3:5"]["seen"]["auc"] > 0.8 and "left_out" in rows["fgsm:0.3"]
+    bundle = load_bundle(dst)
+    assert bundle.detector is not None and {"learned", "fisher_noise_shift"} <= set(bundle.scores)
+    cal = ["calibrate", "--model", str(dst), "--data", str(npz), "--statistic", "learned", "--tail", "one-sided"]
+    assert main([*cal, "--split", "calibration"]) == 2
+    assert main([*cal, "--split", "calibration-b"]) == 0
+    served = load_bundle(dst)
+    assert served.calibration is not None and served.calibration.statistic == "learned" and "learned" in served.calibration.values
