@@ -23,6 +23,7 @@ import numpy as np
 from bench.common import environment, write
 from service.core import decision
 from service.core.calibration import Combination, Component
+from service.lab.attack_specs import KINDS
 from service.lab.evaluate import ALPHAS
 from service.lab.stats import roc_auc
 
@@ -39,8 +40,10 @@ CANDIDATES = [
     Component("feature_squeezing", "one-sided"),
     Component("mahalanobis", "one-sided"),
     Component("mahalanobis_layers", "one-sided"),
+    Component("learned", "one-sided"),
+    Component("fisher_noise_shift", "one-sided"),
 ]
-CONTROLS = ("noise", "jpeg")  # clean images changed in ways that are not attacks
+CONTROLS = tuple(k for k, kind in KINDS.items() if kind.control)  # clean images changed in ways that are not attacks
 CONTROL_SLACK = 0.015  # a decision is admissible when every control is flagged at most α + this (the FPR tolerance of the detection goal)
 
 
@@ -84,8 +87,8 @@ def measure(
             continue
         p_adv, m_adv = combo.p_value(adv), combo.min_p(adv)
         row["attacks"][name] = decision.rates(p_adv, ALPHAS, "tpr") | {"auc": roc_auc(-m_clean, -m_adv)}
-    real = [a for n, a in row["attacks"].items() if not n.startswith(CONTROLS)]
-    controls = [a for n, a in row["attacks"].items() if n.startswith(CONTROLS)]
+    real = [a for n, a in row["attacks"].items() if n.split(":")[0] not in CONTROLS]
+    controls = [a for n, a in row["attacks"].items() if n.split(":")[0] in CONTROLS]
     for alpha in ALPHAS:
         row[f"worst_control@{alpha}"] = max((c[f"tpr@{alpha}"] for c in controls), default=0.0)
         row[f"mean_tpr@{alpha}"] = float(np.mean([a[f"tpr@{alpha}"] for a in real]))

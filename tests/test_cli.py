@@ -149,17 +149,29 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_serve_answers_and_stops_cleanly_on_sigterm(digits) -> None:  # type: ignore[no-untyped-def]
+def test_serve_answers_and_stops_cleanly_on_sigterm(digits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A real `fisherguard serve` on a port given as a flag: it answers, the health probe finds that port
+    through the address file (the environment says another), and SIGTERM ends it with status 0."""
     port = _free_port()
-    env = {**os.environ, "FISHERGUARD_MAX_BATCH_SIZE": "8"}
+    env = {
+        **os.environ,
+        "FISHERGUARD_MAX_BATCH_SIZE": "8",
+        "FISHERGUARD_ADDRESS_FILE": str(tmp_path / "address.json"),
+        "FISHERGUARD_PORT": "9",
+    }
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--device", "auto"], env=env)
     base = f"http://127.0.0.1:{port}"
+    probe = [sys.executable, "-m", "service.serve.health"]
     try:
         wait_ready(base, 120)
         x, y = digits
         r = httpx.post(base + "/v1/detect", content=png(x[0]), headers={"content-type": "image/png"}, timeout=30)
         assert r.status_code == 200 and r.json()["results"][0]["predicted_class"] == int(y[0])
         assert httpx.get(base + "/v1/model").json()["batching"]["max_batch_size"] == 8  # from the environment
+        assert json.loads((tmp_path / "address.json").read_text())["port"] == port
+        assert subprocess.run(probe, env=env).returncode == 0
+        assert subprocess.run(probe, env={**env, "FISHERGUARD_ADDRESS_FILE": str(tmp_path / "none.json")}).returncode == 1  # port 9
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+    assert subprocess.run(probe, env=env).returncode == 1  # nothing listens any more

@@ -158,6 +158,10 @@ def test_training_separates_what_can_be_separated_and_keeps_controls_down(kind: 
     assert learn.measure(det, b_clean, b_noise)["tpr@0.05"] < 0.12
     blind = learn.train(a, ["pgd"], ["noise"], learn.Options(SPEC, kind=kind, hidden=4, control_weight=0), names, stats)
     assert learn.measure(blind, b_clean, b_noise)["tpr@0.05"] > 0.5
+    projected = learn.train(a, ["pgd"], ["noise"], learn.Options(SPEC, kind=kind, hidden=4, control_weight=0, nuisance=True), names, stats)
+    assert learn.measure(projected, b_clean, b_pgd)["tpr@0.05"] > 0.8 and learn.measure(projected, b_clean, b_noise)["tpr@0.05"] < 0.08
+    d = projected.matrix(learn.raw(a.adv["noise"])).mean(0) - projected.matrix(learn.raw(a.clean)).mean(0)  # the control's shift
+    assert float((d @ projected.weights["proj"]).norm()) < 1e-9 * float(d.norm())  # blind to it by construction
 
 
 @pytest.mark.slow

@@ -23,6 +23,8 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     f.add_argument("--hidden", type=int, default=32)
     f.add_argument("--l2", type=float, default=1e-3)
     f.add_argument("--control-weight", type=float, default=3.0, help="total weight of the controls relative to the clean images")
+    f.add_argument("--control-margin", type=float, default=0.0, help="fit the controls as if their logit were this much larger")
+    f.add_argument("--nuisance", action="store_true", help="project out the directions the controls move the features in")
     f.add_argument("--cache", type=Path, default=Path(".cache/attacks"), help="where attacked images are kept between runs")
     f.add_argument("--out", type=Path, help="default: <bundle>/detector.safetensors")
     f.add_argument("--report", type=Path, required=True, help="folder for detector.json and detector.md")
@@ -35,18 +37,21 @@ def run(a: argparse.Namespace) -> int:
     from service.lab import learn
 
     bundle = common.bundle(a)
-    opts = learn.Options(FeatureSpec(a.sigma, a.draws, tuple(a.squeezers.split(","))), a.kind, a.hidden, a.l2, a.control_weight)
-    detector, report = learn.fit_detector(
+    opts = learn.Options(
+        FeatureSpec(a.sigma, a.draws, tuple(a.squeezers.split(","))), a.kind, a.hidden, a.l2, a.control_weight, a.control_margin, a.nuisance
+    )
+    collected = learn.collect(
         bundle,
         a.data or common.default_data(bundle.card),
         a.attacks.split(","),
         a.controls.split(","),
-        opts,
+        opts.spec,
         a.limit,
         a.validate_limit,
         a.cache,
         log=lambda m: print(m, file=sys.stderr, flush=True),
     )
+    detector, report = learn.fit(collected, opts)
     out = a.out or bundle.path / "detector.safetensors"
     detector.save(out, bundle.weights_sha256)
     learn.write(report, a.report)

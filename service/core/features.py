@@ -9,8 +9,9 @@ of its copies.
 - the neighbourhood Fisher (Roth et al. 2019): for antithetic draws x ± σ η_j, the mean shift of every
   logit difference z_k − z_ŷ — the first-order terms cancel in each pair, leaving ½σ² of its Laplacian —
   and log10 of the mean KL(p(x) ‖ p(x ± σ η_j)) ≈ ½σ² tr G_x;
-- squeezing responses (Xu et al.'s squeezers, one column each): log10 KL(p(x) ‖ p(T x)) and the drop of
-  log p_ŷ under T;
+- squeezing responses (Xu et al.'s squeezers, one column each): log10 KL(p(x) ‖ p(T x)), the drop of
+  log p_ŷ under T, and the cosine between ∇_x s and what T removes, x − T x: the first-order part of the
+  drop, high when the image's fine detail points up the predicted class's gradient;
 - Mahalanobis distances (log10) when the bundle has a fit.
 
 Every column is differentiable in x (grad=True: double backprop through the profile, straight-through
@@ -33,6 +34,8 @@ from service.fisher.noise import seeded_noise
 def _straight_through(x: Tensor, fx: Tensor, grad: bool) -> Tensor:
     return x + (fx - x).detach() if grad else fx
 
+
+VERSION = 2  # of the columns' definitions: caches of features from another version are stale
 
 SQUEEZERS: dict[str, Callable[[Tensor, bool], Tensor]] = {
     "bits1": lambda x, g: _straight_through(x, bit_depth(x, 1), g),
@@ -128,9 +131,13 @@ def extract(
         cols[f"param_share/{layer}"] = _log10(param[:, i] / param.sum(1).clamp_min(1e-300))
         cols[f"feature_share/{layer}"] = _log10(feature[:, i] / feature.sum(1).clamp_min(1e-300))
     t = len(copies)
+    g = gx.double().flatten(1)  # (N, D) ∇_x s
     for i, q in enumerate(spec.squeezers):
         cols[f"squeeze_kl/{q}"] = _log10(_kl(log_p, log_q[i]))
         cols[f"squeeze_drop/{q}"] = log_p.gather(1, y[:, None]).squeeze(1) - log_q[i].gather(1, y[:, None]).squeeze(1)
+        r = (xr - copies[i]).double().flatten(1)  # (N, D) what the squeezer removes
+        r = r if grad else r.detach()
+        cols[f"align/{q}"] = (g * r).sum(1) / (g.norm(dim=1) * r.norm(dim=1)).clamp_min(1e-30)
     cols["noise_kl"] = _log10(_kl(log_p[None], log_q[t:]).mean(0))
     diff = zc64[t:] - zc64[t:].gather(2, y[None, :, None].expand(len(noisy), n, 1))  # (M, N, K): z_k − z_ŷ at each draw
     shift = diff.mean(0) - (z64 - z64.gather(1, y[:, None]))  # (N, K)

@@ -29,7 +29,7 @@ class LearnedDetector:
     shift_std: Tensor  # (K, K)
     mean: Tensor  # (F,) float64: standardisation of the columns
     std: Tensor  # (F,)
-    weights: dict[str, Tensor]  # linear: w (F,), b (); mlp: w1 (H, F), b1 (H,), w2 (H,), b2 ()
+    weights: dict[str, Tensor]  # linear: w (F,), b (); mlp: w1 (H, F), b1 (H,), w2 (H,), b2 (); optional proj (F, F)
     meta: dict[str, Any] = field(default_factory=dict)  # what it was trained on (data, split, families, options)
 
     @property
@@ -55,6 +55,8 @@ class LearnedDetector:
         """The model's output (N,) float64: larger = more likely adversarial."""
         h = self.matrix(raw)
         w = {k: v.to(h) for k, v in self.weights.items()}
+        if "proj" in w:  # blind to the directions the benign controls move the features in (service.lab.learn)
+            h = h @ w["proj"]
         if self.kind == "mlp":
             h = torch.tanh(h @ w["w1"].T + w["b1"])
             return h @ w["w2"] + w["b2"]
@@ -79,6 +81,7 @@ class LearnedDetector:
             "meta": json.dumps(self.meta),
         }
         save_file({k: v.detach().double().contiguous() for k, v in tensors.items()}, str(path), meta)
+        path.chmod(0o644)  # shipped inside bundles: readable by the service's user
 
     @classmethod
     def load(cls, path: Path) -> tuple["LearnedDetector", str]:

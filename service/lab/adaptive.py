@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from service.core.baselines import Mahalanobis, feature_squeezing
 from service.core.calibration import Component
+from service.core.features import extract
+from service.core.learned import LearnedDetector
 from service.core.scores import SCORES
 from service.fisher import functional
 from service.fisher.basics import entropy, log_odds, predicted
@@ -68,8 +70,10 @@ def log10_sensitivity(model: nn.Module, x: Tensor) -> Tensor:
     return g.flatten(1).pow(2).sum(1).clamp_min(1e-30).log10()
 
 
-def surrogates(mahalanobis: Mahalanobis | None) -> dict[str, Surrogate]:
-    """The decision scores an adaptive attacker can differentiate, in the calibration's thresholded form."""
+def surrogates(mahalanobis: Mahalanobis | None, detector: LearnedDetector | None = None) -> dict[str, Surrogate]:
+    """The decision scores an adaptive attacker can differentiate, in the calibration's thresholded form.
+    The learned detector's features are differentiated exactly, through the noise draw its served value
+    takes (seeded by the current image)."""
     table: dict[str, Surrogate] = {
         "confidence": lambda m, x: torch.softmax(m(x), 1).amax(1),
         "entropy": lambda m, x: entropy(torch.log_softmax(m(x), 1)),
@@ -83,6 +87,9 @@ def surrogates(mahalanobis: Mahalanobis | None) -> dict[str, Surrogate]:
         table["mahalanobis"] = lambda m, x: mahalanobis.score(m, x, grad=True)
         if mahalanobis.layers:
             table["mahalanobis_layers"] = lambda m, x: mahalanobis.layers_score(m, x, grad=True)
+    if detector is not None:
+        table["learned"] = lambda m, x: detector.logit(extract(m, x, detector.spec, mahalanobis, grad=True))
+        table["fisher_noise_shift"] = lambda m, x: detector.noise_shift(extract(m, x, detector.spec, mahalanobis, grad=True))
     return table
 
 
@@ -103,10 +110,14 @@ class Target:
 
 
 def targets(
-    values: dict[str, np.ndarray], components: Sequence[Component], mahalanobis: Mahalanobis | None, alpha: float = 0.05
+    values: dict[str, np.ndarray],
+    components: Sequence[Component],
+    mahalanobis: Mahalanobis | None,
+    alpha: float = 0.05,
+    detector: LearnedDetector | None = None,
 ) -> list[Target]:
     """Targets for a decision's components from the clean calibration values (thresholded form)."""
-    table = surrogates(mahalanobis)
+    table = surrogates(mahalanobis, detector)
     out = []
     for c in components:
         if c.score not in table:

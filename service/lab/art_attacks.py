@@ -99,3 +99,17 @@ def hop_skip_jump(model: nn.Module, x: Tensor, y: Tensor, steps: int = 20) -> Te
     return _run(
         lambda c: HopSkipJump(c, norm=2, max_iter=steps, max_eval=1000, init_eval=100, batch_size=len(x), verbose=False), model, x, y
     )
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 40) -> Tensor:
+    """ART's PGD, L∞, random start, step 2.5 ε / steps (Madry et al.'s setting, as the project's own)."""
+    from art.attacks.evasion import ProjectedGradientDescent
+
+    return _run(
+        lambda c: ProjectedGradientDescent(
+            c, norm=np.inf, eps=eps, eps_step=2.5 * eps / steps, max_iter=steps, num_random_init=1, batch_size=len(x), verbose=False
+        ),
+        model,
+        x,
+        y,
+    )

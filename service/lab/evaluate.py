@@ -152,6 +152,8 @@ def evaluate(
         success = float((adv_pred != y).float().mean())
         report["attacks"][attack.name] = {
             "control": attack.control,
+            "family": attack.family,
+            "seen": seen(bundle, attack),
             "success_rate": success,
             "n_successful": int(hit.sum()),
             "median_l2": float(delta.norm(dim=1).median()) if len(delta) else None,
@@ -163,6 +165,14 @@ def evaluate(
             "seconds": round(time.time() - t0, 1),
         }
     return report
+
+
+def seen(bundle: Bundle, attack: Attack) -> bool | None:
+    """Whether the bundle's learned detector was trained on the attack's family (None: it has no detector)."""
+    if bundle.detector is None:
+        return None
+    meta = bundle.detector.meta
+    return attack.family in meta.get("control_families" if attack.control else "families", [])
 
 
 def _flags_by_class(p: np.ndarray, predicted: np.ndarray, alpha: float) -> dict[str, float]:

@@ -22,6 +22,7 @@ import torch
 from service.core.batches import device_of
 from service.core.bundle import Bundle
 from service.core.calibration import conformal_p_value
+from service.core.features import VERSION as FEATURES_VERSION
 from service.core.features import FeatureSpec, RawFeatures, extract
 from service.core.learned import LearnedDetector
 from service.core.scoring import predict
@@ -42,6 +43,8 @@ class Options:
     hidden: int = 32
     l2: float = 1e-3  # weight decay on the standardised inputs
     control_weight: float = 3.0  # total weight of the controls, relative to the clean images'
+    control_margin: float = 0.0  # the controls are fitted as if their logit were this much larger: pushed below the clean tail
+    nuisance: bool = False  # make the model blind to the directions in which the controls move the features
     seed: int = 0
 
 
@@ -71,7 +74,7 @@ def features(bundle: Bundle, x: torch.Tensor, spec: FeatureSpec, batch: int = 64
 
 def cached_features(bundle: Bundle, x: torch.Tensor, spec: FeatureSpec, cache: Path | None, key: str) -> Table:
     """`features`, kept in the cache under the images' key and the feature options."""
-    digest = hashlib.sha256(f"{key}|{spec}|{bundle.mahalanobis is not None}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{key}|{spec}|{bundle.mahalanobis is not None}|{FEATURES_VERSION}".encode()).hexdigest()[:16]
     path = cache / f"features-{digest}.npz" if cache else None
     if path is not None and path.is_file():
         with np.load(path) as z:
@@ -150,12 +153,27 @@ def train(
         [torch.full((len(m),), weight / max(len(m), 1), dtype=torch.float64) for m, (_, _, weight) in zip(mats, groups, strict=True)]
     )
     mean, std = x.mean(0), x.std(0).clamp_min(1e-9)
-    weights = _fit((x - mean) / std, y, w / w.sum(), opts)
-    return LearnedDetector(opts.spec, tuple(names), mu, sd, mean, std, weights)
+    h = (x - mean) / std
+    proj = nuisance_projection([(m - mean) / std for m in mats[: 1 + len(controls)]]) if opts.nuisance and controls else None
+    offset = torch.cat(
+        [torch.full((len(m),), opts.control_margin if 0 < i <= len(controls) else 0.0, dtype=torch.float64) for i, m in enumerate(mats)]
+    )
+    weights = _fit(h @ proj if proj is not None else h, y, w / w.sum(), opts, offset)
+    return LearnedDetector(opts.spec, tuple(names), mu, sd, mean, std, weights | ({"proj": proj} if proj is not None else {}))
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, opts: Options) -> dict[str, torch.Tensor]:
-    """Weighted logistic loss + l2, by L-BFGS (linear) or Adam then L-BFGS (mlp); float64, seeded."""
+def nuisance_projection(groups: list[torch.Tensor]) -> torch.Tensor:
+    """P = I − QQᵀ (F, F), Q an orthonormal basis of the directions from the clean images' mean to each
+    control's mean (standardised features; groups[0] clean, the rest one control each): a model that
+    reads P h is blind, to first order, to what the benign corruptions change."""
+    clean = groups[0].mean(0)
+    d = torch.stack([g.mean(0) - clean for g in groups[1:] if len(g)], 1)  # (F, C)
+    q, _ = torch.linalg.qr(d)
+    return torch.eye(len(clean), dtype=d.dtype) - q @ q.T
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, opts: Options, offset: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Weighted logistic loss of logit + offset, + l2, by L-BFGS (linear) or Adam then L-BFGS (mlp); float64, seeded."""
     gen = torch.Generator().manual_seed(opts.seed)
     f = x.shape[1]
     if opts.kind == "mlp":
@@ -177,7 +195,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, opts: Options) -> di
         return x @ p["w"] + p["b"]
 
     def loss() -> torch.Tensor:
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit(params), y, weight=w, reduction="sum")
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit(params) + offset, y, weight=w, reduction="sum")
         return bce + opts.l2 * sum((v * v).sum() for k, v in params.items() if k.startswith("w"))  # type: ignore[return-value]
 
     if opts.kind == "mlp":
@@ -210,19 +228,33 @@ def measure(detector: LearnedDetector, clean_b: Table, adv_b: Table) -> dict[str
     }
 
 
-def fit_detector(
+@dataclass
+class Collected:
+    """Everything the training reads: feature tables of parts A and B, which specs are attacks and which
+    controls, their families, the Roth statistics of clean part A, the input columns, the data."""
+
+    sets: dict[str, Sets]
+    attacks: list[str]
+    controls: list[str]
+    families: dict[str, str]
+    stats: tuple[np.ndarray, np.ndarray]
+    names: list[str]
+    parts: dict[str, Dataset]
+
+
+def collect(
     bundle: Bundle,
     data: Path,
     attack_specs: Sequence[str],
     control_specs: Sequence[str],
-    opts: Options,
+    spec: FeatureSpec,
     limit: int = 500,
     validate_limit: int = 300,
     cache: Path | None = None,
     log: Any = print,
-) -> tuple[LearnedDetector, dict[str, Any]]:
-    """The detector trained on every training attack, and the report: per training spec its part-B
-    row when trained on everything (seen) and without its family (leave one family out)."""
+) -> Collected:
+    """Attacks and controls on seeded subsets of parts A (`limit` images) and B (`validate_limit`), and
+    every image's features (cached)."""
     t0 = time.time()
     parts = {p: correct(bundle, load_dataset(data, f"calibration-{p}", bundle.classes, bundle.input_shape)) for p in ("a", "b")}
     specs = [parse_attack(s, bundle) for s in (*attack_specs, *control_specs)]
@@ -232,49 +264,54 @@ def fit_detector(
     sets = {}
     for p, d in parts.items():
         n = limit if p == "a" else validate_limit
-        sets[p] = Sets(cached_features(bundle, d.x, opts.spec, cache, images_key(bundle, d, "clean", None)))
-        for spec in specs:
-            x, _ = attacked(bundle, d, spec, n, cache)
-            sets[p].adv[spec.name] = cached_features(bundle, x, opts.spec, cache, images_key(bundle, d, spec.name, n)) if len(x) else {}
-            log(f"part {p.upper()} {spec.name}: {len(x)} images ({time.time() - t0:.0f} s)")
+        sets[p] = Sets(cached_features(bundle, d.x, spec, cache, images_key(bundle, d, "clean", None)))
+        for attack in specs:
+            x, _ = attacked(bundle, d, attack, n, cache)
+            empty = {c: np.zeros((0, *v.shape[1:])) for c, v in sets[p].clean.items()}  # no successful image
+            sets[p].adv[attack.name] = cached_features(bundle, x, spec, cache, images_key(bundle, d, attack.name, n)) if len(x) else empty
+            log(f"part {p.upper()} {attack.name}: {len(x)} images ({time.time() - t0:.0f} s)")
     k = int(bundle.model(parts["a"].x[:1].to(device_of(bundle.model))).shape[1])
-    stats = shift_stats(sets["a"].clean, k)
-    names = columns(sets["a"].clean)
-    attacks = [s.name for s in specs if not s.control]
-    controls = [s.name for s in specs if s.control]
-    for name in attacks + controls:  # an attack with no successful image has no table
-        for p in ("a", "b"):
-            if not sets[p].adv[name]:
-                sets[p].adv[name] = {c: np.zeros((0, *v.shape[1:])) for c, v in sets[p].clean.items()}
-    detector = train(sets["a"], attacks, controls, opts, names, stats)
-    families = {s.name: s.family for s in specs}
+    return Collected(
+        sets,
+        [s.name for s in specs if not s.control],
+        [s.name for s in specs if s.control],
+        {s.name: s.family for s in specs},
+        shift_stats(sets["a"].clean, k),
+        columns(sets["a"].clean),
+        parts,
+    )
+
+
+def fit(c: Collected, opts: Options) -> tuple[LearnedDetector, dict[str, Any]]:
+    """The detector trained on every training attack, and the report: per spec its part-B row when
+    trained on everything (seen) and without its family (leave one family out)."""
+    a, b = c.sets["a"], c.sets["b"]
+    detector = train(a, c.attacks, c.controls, opts, c.names, c.stats)
     rows: dict[str, Any] = {}
-    for name in attacks + controls:
-        rows[name] = {
-            "family": families[name],
-            "control": name in controls,
-            "seen": measure(detector, sets["b"].clean, sets["b"].adv[name]),
-        }
-    for family in sorted({families[a] for a in attacks}):
-        without = train(sets["a"], [a for a in attacks if families[a] != family], controls, opts, names, stats)
-        for name in (a for a in attacks if families[a] == family):
-            rows[name]["left_out"] = measure(without, sets["b"].clean, sets["b"].adv[name])
+    for name in c.attacks + c.controls:
+        rows[name] = {"family": c.families[name], "control": name in c.controls, "seen": measure(detector, b.clean, b.adv[name])}
+    for family in sorted({c.families[x] for x in c.attacks}):
+        without = train(a, [x for x in c.attacks if c.families[x] != family], c.controls, opts, c.names, c.stats)
+        for name in (x for x in c.attacks if c.families[x] == family):
+            rows[name]["left_out"] = measure(without, b.clean, b.adv[name])
     detector.meta = {
-        "data": {"description": parts["a"].description, "sha256": parts["a"].sha256, "split": "calibration-a"},
-        "attacks": list(attack_specs),
-        "controls": list(control_specs),
-        "families": sorted({families[a] for a in attacks}),
-        "control_families": sorted({families[c] for c in controls}),
-        "options": {"kind": opts.kind, "hidden": opts.hidden, "l2": opts.l2, "control_weight": opts.control_weight, "seed": opts.seed},
-        "n_clean": len(parts["a"].y),
+        "data": {"description": c.parts["a"].description, "sha256": c.parts["a"].sha256, "split": "calibration-a"},
+        "attacks": c.attacks,
+        "controls": c.controls,
+        "families": sorted({c.families[x] for x in c.attacks}),
+        "control_families": sorted({c.families[x] for x in c.controls}),
+        "options": {
+            "kind": opts.kind,
+            "hidden": opts.hidden,
+            "l2": opts.l2,
+            "control_weight": opts.control_weight,
+            "control_margin": opts.control_margin,
+            "nuisance": opts.nuisance,
+            "seed": opts.seed,
+        },
+        "n_clean": len(c.parts["a"].y),
     }
-    report = {
-        "detector": detector.meta | {"columns": names},
-        "clean_b": len(parts["b"].y),
-        "rows": rows,
-        "seconds": round(time.time() - t0),
-    }
-    return detector, report
+    return detector, {"detector": detector.meta | {"columns": c.names}, "clean_b": len(c.parts["b"].y), "rows": rows}
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -23,8 +23,9 @@ def markdown(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> str:
     lines += [f"Decision statistic: `{report['calibration']['statistic']}`{combo} (calibration n = {report['calibration']['n']}).", ""]
     for name, a in report["attacks"].items():
         d = a["decision"]
+        known = {True: " (a family the detector was trained on)", False: " (a family the detector never saw)"}.get(a.get("seen"), "")
         lines += [
-            f"## {name}",
+            f"## {name}{known}",
             "",
             f"success {a['success_rate']:.3f} ({a['n_successful']} images), median L2 {a['median_l2'] or float('nan'):.3f}, median L∞ {a['median_linf'] or float('nan'):.3f}",
             "",

@@ -2,9 +2,12 @@
 drain on SIGTERM/SIGINT: refuse new work with 503 shutting_down, finish everything accepted, exit 0."""
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -21,14 +24,24 @@ class DrainingServer(uvicorn.Server):
     """The first signal starts a drain; uvicorn's own shutdown follows once the drain is done (or the
     bound passes). A second signal shuts down at once."""
 
-    def __init__(self, config: uvicorn.Config, state: State, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: State, drain_timeout_s: float, address_file: Path) -> None:
         super().__init__(config)
-        self.state, self.drain_timeout_s = state, drain_timeout_s
+        self.state, self.drain_timeout_s, self.address_file = state, drain_timeout_s, address_file
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        """Binds, then writes the address actually bound to the health probe's address file."""
+        await super().startup(sockets)
+        bound = [s.getsockname() for server in getattr(self, "servers", []) for s in server.sockets]
+        if bound:
+            try:
+                self.address_file.write_text(json.dumps({"host": self.config.host, "port": bound[0][1], "pid": os.getpid()}))
+            except OSError as e:  # a read-only file system without a writable /tmp: the probe falls back to the settings
+                log.warning("cannot write %s: %s", self.address_file, e)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.draining or self.loop is None:
@@ -61,4 +74,4 @@ def run(settings: Settings) -> None:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1, timeout_graceful_shutdown=int(drain_s)
     )
-    DrainingServer(config, app.state.fg, drain_s).run()
+    DrainingServer(config, app.state.fg, drain_s, settings.address_file).run()
