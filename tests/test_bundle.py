@@ -31,8 +31,10 @@ def test_shipped_mnist_bundle(mnist: Bundle, digits512) -> None:  # type: ignore
     assert not mnist.model.training
     cal = mnist.calibration
     assert cal is not None and cal.weights_sha256 == mnist.weights_sha256
-    assert cal.n > 2450 and set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis", "mahalanobis_layers"}
-    assert cal.data["correct"] > 4900 and mnist.mahalanobis is not None and list(mnist.mahalanobis.layers) == ["7", "8", "penultimate"]
+    detector_scores = {"learned", "fisher_noise_shift"}
+    assert cal.n > 1200 and set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis", "mahalanobis_layers"} | detector_scores
+    assert cal.decision_scores == ("feature_squeezing", "learned") and mnist.detector is not None
+    assert cal.data["correct"] > 2450 and mnist.mahalanobis is not None and list(mnist.mahalanobis.layers) == ["7", "8", "penultimate"]
     assert "calibration half" in cal.data["description"]
 
 
@@ -43,9 +45,10 @@ def test_shipped_cifar10_bundle() -> None:
     assert b.card["param_count"] == sum(p.numel() for p in b.model.parameters())
     assert b.card["architecture"] == "models.cifar10.model:build_air"
     cal = b.calibration
-    assert cal is not None and cal.weights_sha256 == b.weights_sha256 and cal.data["correct"] > 4300 and cal.n > 2150
-    assert cal.decision_scores == ("margin", "feature_squeezing") and b.mahalanobis is not None
-    assert set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis"}
+    assert cal is not None and cal.weights_sha256 == b.weights_sha256 and cal.data["correct"] > 2200 and cal.n > 2200
+    assert cal.decision_scores == ("learned",) and b.mahalanobis is not None and b.detector is not None
+    assert "part B" in cal.data["description"]  # the detector trained on part A
+    assert set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis", "learned", "fisher_noise_shift"}
     with torch.no_grad():
         assert b.model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 

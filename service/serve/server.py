@@ -72,6 +72,12 @@ def run(settings: Settings) -> None:
     app = create_app(settings)
     drain_s = settings.request_timeout_ms / 1000 + 5
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, workers=1, timeout_graceful_shutdown=int(drain_s)
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        workers=1,
+        timeout_graceful_shutdown=int(drain_s),
+        access_log=False,  # AccessControl logs every request as JSON
     )
     DrainingServer(config, app.state.fg, drain_s, settings.address_file).run()

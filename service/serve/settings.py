@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     min_alpha: float = Field(1e-4, gt=0, lt=1)
     max_alpha: float = Field(0.5, gt=0, lt=1)
     log_level: str = "info"
-    address_file: Path = Field(Path("/tmp/fisherguard-address.json"), description="where serve writes the address it bound, for the health probe")
+    address_file: Path = Field(
+        Path("/tmp/fisherguard-address.json"), description="where serve writes the address it bound, for the health probe"
+    )
 
     def keys(self) -> list[str]:
         """The configured API keys (empty: no authentication)."""
