@@ -131,9 +131,11 @@ def image(docker: str, base: str, tmp_path_factory: pytest.TempPathFactory) -> I
         run(docker, "image", "prune", "-f", "--filter", "label=org.fisherguard.stage=build", check=False)
 
 
-def _ready(base_url: str, timeout_s: float = 120) -> float:
+def _ready(docker: str, name: str, base_url: str, timeout_s: float = 120) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
+        if run(docker, "inspect", "-f", "{{.State.Running}}", name).stdout.strip() != "true":
+            raise AssertionError(f"{name} exited: " + run(docker, "logs", name, check=False).stderr[-2000:])
         try:
             if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
                 return time.monotonic() - t0
@@ -175,7 +177,7 @@ def test_the_image_builds_without_an_index_and_runs_as_users_run_it(docker: str,
         run(docker, "run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp", "-p", f"127.0.0.1:{port}:{inner}", *env, tag, *args)
         try:
             url = f"http://127.0.0.1:{port}"
-            warm = _ready(url)
+            warm = _ready(docker, name, url)
             assert warm < 60
             if name == "fg-image-default":
                 r = httpx.post(url + "/v1/detect", content=body, headers={"content-type": "image/png"}, timeout=30).json()["results"][0]
@@ -190,10 +192,10 @@ def test_the_image_builds_without_an_index_and_runs_as_users_run_it(docker: str,
 def test_docker_stop_drains_a_request_in_flight_and_exits_0(docker: str, image: tuple[str, float, Path]) -> None:
     tag, _, _ = image
     port = free_port()
-    run(docker, "run", "-d", "--name", "fg-image-stop", "-e", "FISHERGUARD_MAX_DELAY_MS=1500", "-p", f"127.0.0.1:{port}:8000", tag)
+    run(docker, "run", "-d", "--name", "fg-image-stop", "-e", "FISHERGUARD_MAX_DELAY_MS=1000", "-p", f"127.0.0.1:{port}:8000", tag)
     try:
         url = f"http://127.0.0.1:{port}"
-        _ready(url)
+        _ready(docker, "fg-image-stop", url)
         body, label = _digit()
         import threading
 
@@ -202,7 +204,9 @@ def test_docker_stop_drains_a_request_in_flight_and_exits_0(docker: str, image: 
             target=lambda: answers.append(httpx.post(url + "/v1/detect", content=body, headers={"content-type": "image/png"}, timeout=60))
         )
         t.start()
-        time.sleep(0.5)  # queued: the batch waits 1.5 s for company
+        deadline = time.monotonic() + 0.8  # queued: the batch waits 1 s (the most max_delay_ms allows) for company
+        while "fisherguard_queue_depth_images 1.0" not in httpx.get(url + "/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.02)
         run(docker, "stop", "-t", "30", "fg-image-stop", timeout=60)
         t.join(timeout=60)
         assert answers and answers[0].status_code == 200 and answers[0].json()["results"][0]["predicted_class"] == label

@@ -19,12 +19,12 @@ bit depth), so an adaptive attacker can take exact gradients of a detector built
 """
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from service.core.baselines import PENULTIMATE, Mahalanobis
+from service.core.baselines import PENULTIMATE, Mahalanobis, squeezing_distance
 from service.core.transforms import bit_depth, gaussian_blur, median_2x2
 from service.fisher import basics, persample
 from service.fisher.gradients import eval_mode, forward
@@ -65,12 +65,14 @@ class FeatureSpec:
 
 @dataclass
 class RawFeatures:
-    """One batch: logits (N, K), ŷ (N,), named columns (N,) each, and the raw noise shifts (N, K)."""
+    """One batch: logits (N, K), ŷ (N,), named columns (N,) each, the raw noise shifts (N, K) and the
+    logits of each squeezed copy (N, K), by squeezer."""
 
     logits: Tensor
     predicted: Tensor
     columns: dict[str, Tensor]
     shift: Tensor
+    squeezed: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _log10(v: Tensor) -> Tensor:
@@ -146,7 +148,17 @@ def extract(
         cols["log_mahalanobis"] = _log10(mahalanobis.penultimate.distance(f[PENULTIMATE]))
         if taps:
             cols["log_mahalanobis_layers"] = _log10(mahalanobis.from_features(f, ["mahalanobis_layers"])["mahalanobis_layers"])
-    return RawFeatures(z, y, cols, shift)
+    return RawFeatures(z, y, cols, shift, {q: zc[i] for i, q in enumerate(spec.squeezers)})
+
+
+def squeezing_from_features(raw: RawFeatures, spec: FeatureSpec, channels: int) -> Tensor | None:
+    """Feature squeezing (service.core.baselines.squeezed) from the copies `extract` already ran, when
+    the detector's squeezers include its two (1 bit for greyscale, 5 for colour; 2×2 median); None
+    otherwise. -> (N,) float64."""
+    wanted = ("bits1" if channels == 1 else "bits5", "median2")
+    if not set(wanted) <= set(spec.squeezers):
+        return None
+    return squeezing_distance(raw.logits, [raw.squeezed[q] for q in wanted])
 
 
 def _hooks(model: nn.Module, taps: Sequence[str], kept: dict[str, Tensor]) -> list[torch.utils.hooks.RemovableHandle]:

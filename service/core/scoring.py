@@ -13,7 +13,7 @@ from torch import Tensor
 from service.core.baselines import forward_scores
 from service.core.batches import cat_batches, device_of, progress
 from service.core.bundle import Bundle
-from service.core.features import extract
+from service.core.features import extract, squeezing_from_features
 from service.core.learned import SCORES as LEARNED
 from service.core.scores import detectors, engine, thresholded_all
 from service.fisher import compute
@@ -57,7 +57,10 @@ def score(bundle: Bundle, x: Tensor, names: Sequence[str], heatmaps: Sequence[st
         assert bundle.detector is not None
         raw = extract(bundle.model, x, bundle.detector.spec, bundle.mahalanobis)
         values = bundle.detector.scores(raw, learned)
-        rest = [n for n in detectors(names) if n not in LEARNED]
+        fs = squeezing_from_features(raw, bundle.detector.spec, x.shape[1]) if "feature_squeezing" in names else None
+        if fs is not None:  # the squeezed copies already ran: no second forward for them
+            values["feature_squeezing"] = fs
+        rest = [n for n in detectors(names) if n not in LEARNED and n not in values]
         z = raw.logits
         values |= forward_scores(bundle.model, x, rest, bundle.mahalanobis)[1] if rest else {}
     else:
