@@ -14,6 +14,7 @@ The goal quoted in docs/performance.md#decision-cost: decision ≤ 3 × forward+
 """
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,11 @@ def bundle_rows(name: str, batch: int, reps: int) -> dict[str, Any]:
         F.cross_entropy(bundle.model(xa), y, reduction="sum").backward()
         bundle.model.zero_grad(set_to_none=True)
 
-    methods = {"forward": forward, "forward+backward": forward_backward, "decision": lambda: score(bundle, x, served)}
-    methods |= {f"component {c}": (lambda c=c: score(bundle, x, (c,))) for c in decision}
+    def scorer(names: tuple[str, ...]) -> Callable[[], object]:
+        return lambda: score(bundle, x, names)
+
+    methods = {"forward": forward, "forward+backward": forward_backward, "decision": scorer(served)}
+    methods |= {f"component {c}": scorer((c,)) for c in decision}
     seconds = interleaved(methods, reps, "cpu")
     return {
         "bundle": name,
