@@ -33,6 +33,8 @@ def main() -> None:
     cal = bundle.calibration
     if cal is None:
         raise SystemExit(f"bundle {bundle.name} has no calibration.json")
+    if cal.mondrian is not None:
+        raise SystemExit("a class-conditional decision needs each image's predicted class, which scores.npz does not keep: run evaluate")
     report = json.loads((a.report / "report.json").read_text())
     z = np.load(a.report / "scores.npz")
     if report["bundle"]["weights_sha256"] != bundle.weights_sha256:

@@ -122,6 +122,32 @@ def test_calibrate_scores_changes_the_decision_without_rescoring(
     assert "do not match this calibration's values of 'margin'" in capsys.readouterr().err
 
 
+def test_calibrate_mondrian_from_scores_or_images_and_serve_it(tmp_path: Path, small_npz: Path, mnist: Bundle) -> None:
+    """--mondrian gives the same class-conditional references from an evaluate run's scores as from
+    scoring the images again, and the service decides with them (each image against its predicted class)."""
+    dst = tmp_path / "b"
+    shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    args = ["calibrate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--alpha", "0.2", "--mondrian"]
+    parts = ["--statistic", "combined", "--components", "margin:two-sided,feature_squeezing:one-sided"]
+    assert main([*args, *parts]) == 0
+    slow = json.loads((dst / "calibration.json").read_text())
+    run = ["evaluate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--attacks", "noise:0.1", "--limit", "2"]
+    assert main([*run, "--out", str(tmp_path / "e")]) == 0
+    assert main([*args, *parts, "--scores", str(tmp_path / "e" / "scores.npz"), "--out", str(tmp_path / "fast.json")]) == 0
+    fast = json.loads((tmp_path / "fast.json").read_text())
+    assert fast["decision"]["mondrian"] == slow["decision"]["mondrian"]
+    labels = np.load(small_npz)["y_test"]
+    assert sum(len(v) for v in slow["decision"]["mondrian"].values()) == 8 and set(slow["decision"]["mondrian"]) <= set(map(str, labels))
+    bundle = load_bundle(dst)
+    assert bundle.calibration is not None and bundle.calibration.mondrian is not None
+    with TestClient(create_app(Settings(device="cpu"), bundle=bundle)) as client:
+        r = client.post("/v1/detect", content=(FIXTURES / "digit.png").read_bytes(), headers={"content-type": "image/png"})
+        assert client.get("/v1/model").json()["calibration"]["mondrian"] is True
+    res = r.json()["results"][0]
+    ref = bundle.calibration.mondrian.get(res["predicted_class"], np.empty(0))
+    assert r.status_code == 200 and res["decision"]["p_value"] in [k / (len(ref) + 1) for k in range(1, len(ref) + 2)]
+
+
 def test_calibrate_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["calibrate", "--model", "nope", "--data", str(tmp_path)]) == 2
     assert "no bundle 'nope'" in capsys.readouterr().err

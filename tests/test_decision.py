@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench import decision
-from service.core.calibration import Combination, Component
+from service.core.calibration import Calibration, Combination, Component, mondrian_references
 
 
 def select(
@@ -72,3 +72,41 @@ def test_the_product_combination_is_calibrated_like_the_minimum() -> None:
     assert product.p_value(both)[0] < minimum.p_value(both)[0]
     fresh = {"margin": rng.normal(0, 1, 20000), "feature_squeezing": rng.normal(0, 1, 20000)}
     assert abs((product.p_value(fresh) <= 0.05).mean() - 0.05) < 0.01
+
+
+def _two_class_calibration(rng: np.random.Generator, n: int, combined: bool) -> tuple[Calibration, dict[str, np.ndarray], np.ndarray]:
+    """Clean margins of class 1 sit lower than those of class 0: pooled, class 1 takes most of the flags."""
+    labels = rng.integers(0, 2, n)
+    clean = {"margin": rng.normal(0, 1, n) - 1.5 * labels, "feature_squeezing": rng.normal(0, 1, n)}
+    components = (Component("margin", "one-sided"), Component("feature_squeezing", "one-sided"))
+    combination = Combination.fit(components, clean) if combined else None
+    values = {k: np.sort(v) for k, v in clean.items()}
+    cal = Calibration("0" * 64, {}, 0.05, "combined" if combined else "margin", values, combination=combination)
+    return cal, clean, labels
+
+
+@pytest.mark.parametrize("combined", [False, True])
+def test_a_mondrian_calibration_holds_alpha_within_every_class(combined: bool) -> None:
+    """Pooled, P(p ≤ α) ≤ α only over all images; class-conditional (each image ranked among its
+    predicted class's clean images), within each class, for one statistic and for a combination."""
+    rng = np.random.default_rng(5)
+    cal, clean, labels = _two_class_calibration(rng, 6000, combined)
+    fresh_labels = rng.integers(0, 2, 40000)
+    fresh = {"margin": rng.normal(0, 1, 40000) - 1.5 * fresh_labels, "feature_squeezing": rng.normal(0, 1, 40000)}
+    pooled = cal.decision_p_value(fresh)
+    assert (pooled[fresh_labels == 1] <= 0.05).mean() > 0.062  # the low-margin class takes more than its share
+    cal.mondrian = mondrian_references(cal, clean, labels)
+    with pytest.raises(ValueError, match="predicted class"):
+        cal.decision_p_value(fresh)
+    p = cal.decision_p_value(fresh, fresh_labels)
+    for c in (0, 1):
+        assert abs((p[fresh_labels == c] <= 0.05).mean() - 0.05) < 0.008, c
+    assert Calibration.from_json(json.loads(json.dumps(cal.to_json()))).decision_p_value(fresh, fresh_labels).tolist() == p.tolist()
+    assert cal.decision_p_value(fresh, np.full(40000, 7)).min() == 1.0  # a class without references is never flagged
+    assert cal.summary()["mondrian"] is True
+
+
+def test_mondrian_references_refuse_values_a_combination_was_not_fitted_on() -> None:
+    cal, clean, labels = _two_class_calibration(np.random.default_rng(6), 400, combined=True)
+    with pytest.raises(ValueError, match="not the ones the combination was fitted on"):
+        mondrian_references(cal, {k: v[::-1] for k, v in clean.items()}, labels[::-1])

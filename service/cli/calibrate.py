@@ -41,6 +41,12 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
         help="change only the decision: take the clean images' per-image scores from a `fisherguard evaluate --split "
         "calibration` run's scores.npz on this bundle (checked against the calibration's values) instead of scoring again",
     )
+    c.add_argument(
+        "--mondrian",
+        action="store_true",
+        help="class-conditional: rank each image among the clean images of its predicted class, so the false-positive "
+        "guarantee holds within every class (needs enough clean images per class for the α in use)",
+    )
     c.add_argument("--out", type=Path, help="default: <bundle>/calibration.json")
     c.add_argument("--batch-size", type=int, default=64)
     common.add_device(c)
@@ -57,11 +63,16 @@ def run(a: argparse.Namespace) -> int:
     if a.fit_mahalanobis:
         calibrate.fit_mahalanobis(bundle, a.train_data or data, a.fit_mahalanobis, a.mahalanobis_layers)
     spec = calibrate.decision_spec(bundle, a.statistic, a.tail, a.components)
-    cal = calibrate.run(bundle, data, a.split, a.alpha, spec, a.batch_size, sys.stderr.isatty(), a.scores)
+    cal = calibrate.run(bundle, data, a.split, a.alpha, spec, a.batch_size, sys.stderr.isatty(), a.scores, a.mondrian)
     out = a.out or bundle.path / "calibration.json"
     cal.save(out)
     print(
         f"wrote {out}: n = {cal.n} clean, correctly classified images of {cal.data['description']}; "
         f"statistic {spec.statistic} ({spec.tail}), alpha {a.alpha}"
+        + (
+            f"; class-conditional, {min(len(v) for v in cal.mondrian.values())} to {max(len(v) for v in cal.mondrian.values())} per class"
+            if cal.mondrian
+            else ""
+        )
     )
     return 0

@@ -58,6 +58,12 @@ class Component:
         return {"score": self.score, "tail": self.tail}
 
 
+def halves(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A combination's seeded split of n clean images into part A (the reference) and part B."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[: n // 2], perm[n // 2 :]
+
+
 @dataclass
 class Combination:
     """The most extreme of several conformal p-values, itself calibrated on held-apart clean images."""
@@ -80,9 +86,7 @@ class Combination:
     @classmethod
     def fit(cls, components: Sequence[Component], clean: Mapping[str, np.ndarray], seed: int = 0) -> "Combination":
         """Splits the clean images (values aligned across scores) at random into parts A and B."""
-        n = len(clean[components[0].score])
-        perm = np.random.default_rng(seed).permutation(n)
-        a, b = perm[: n // 2], perm[n // 2 :]
+        a, b = halves(len(clean[components[0].score]), seed)
         reference = {c.score: np.sort(np.asarray(clean[c.score])[a]) for c in components}
         combo = cls(tuple(components), reference, np.array([]))
         combo.values = np.sort(combo.min_p({c.score: np.asarray(clean[c.score])[b] for c in components}))
@@ -116,6 +120,7 @@ class Calibration:
     tail: str = "one-sided"  # of the decision statistic: its own direction, or both tails
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
     combination: Combination | None = None  # with statistic "combined"
+    mondrian: dict[int, np.ndarray] | None = None  # class-conditional: predicted class -> sorted decision statistic
 
     def __post_init__(self) -> None:
         if self.tail not in TAILS:
@@ -147,12 +152,31 @@ class Calibration:
         uncalibrated minimum for a combined decision): for ROC curves of the decision."""
         return self.combination.min_p(t) if self.combination else self.decision_p_value(t)
 
-    def decision_p_value(self, t: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The p-value the flag is decided on, from thresholded scores t (name -> values; at least
-        decision_scores). Two-sided: min(1, 2·min(p_upper, p_lower)), still valid; combined: see Combination."""
+    def decision_statistic(self, t: Mapping[str, np.ndarray]) -> np.ndarray:
+        """What the decision ranks: the statistic's thresholded value, or a combination's min-p."""
+        return self.combination.min_p(t) if self.combination else np.asarray(t[self.statistic], dtype=np.float64)
+
+    def _against(self, reference: np.ndarray, s: np.ndarray) -> np.ndarray:
         if self.combination is not None:
-            return self.combination.p_value(t)
-        return tail_p_value(self.values[self.statistic], np.asarray(t[self.statistic]), SCORES[self.statistic].direction, self.tail)
+            return conformal_p_value(reference, s, "low")
+        return tail_p_value(reference, s, SCORES[self.statistic].direction, self.tail)
+
+    def decision_p_value(self, t: Mapping[str, np.ndarray], predicted: np.ndarray | None = None) -> np.ndarray:
+        """The p-value the flag is decided on, from thresholded scores t (name -> values; at least
+        decision_scores). Two-sided: min(1, 2·min(p_upper, p_lower)), still valid; combined: see
+        Combination. A Mondrian calibration ranks each image among the clean images of its predicted
+        class (predicted: same shape as the values), so P(p ≤ α | class) ≤ α for every class."""
+        s = self.decision_statistic(t)
+        if self.mondrian is None:
+            return self.combination.p_value(t) if self.combination else self._against(self.values[self.statistic], s)
+        if predicted is None:
+            raise ValueError("this calibration is class-conditional (Mondrian): the decision needs each image's predicted class")
+        classes = np.broadcast_to(np.asarray(predicted), s.shape)
+        p = np.ones(s.shape)
+        for c in np.unique(classes):
+            here = classes == c
+            p[here] = self._against(self.mondrian.get(int(c), np.empty(0)), s[here])  # no reference: p = 1, never flagged
+        return p
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -161,7 +185,9 @@ class Calibration:
             "data": self.data,
             "n": self.n,
             "alpha": self.alpha,
-            "decision": {"statistic": self.statistic, "tail": self.tail} | (self.combination.to_json() if self.combination else {}),
+            "decision": {"statistic": self.statistic, "tail": self.tail}
+            | (self.combination.to_json() if self.combination else {})
+            | ({"mondrian": {str(c): [float(v) for v in vals] for c, vals in self.mondrian.items()}} if self.mondrian else {}),
             "score_options": self.score_options,
             "created": self.created,
             "scores": {
@@ -185,6 +211,11 @@ class Calibration:
         tail = d["decision"].get("tail", "one-sided")
         if tail not in TAILS:
             raise ValueError(f"decision tail {tail!r} is not one of {TAILS}")
+        mondrian = (
+            {int(c): np.sort(np.asarray(v, dtype=np.float64)) for c, v in d["decision"]["mondrian"].items()}
+            if "mondrian" in d["decision"]
+            else None
+        )
         return cls(
             d["weights_sha256"],
             d["data"],
@@ -195,6 +226,7 @@ class Calibration:
             tail,
             d["created"],
             combination,
+            mondrian,
         )
 
     @classmethod
@@ -208,8 +240,24 @@ class Calibration:
             "statistic": self.statistic,
             "tail": self.tail,
             "components": self.components,
+            "mondrian": self.mondrian is not None,
             "data": self.data,
             "created": self.created,
             "score_options": self.score_options,
             "scores": sorted(self.values),
         }
+
+
+def mondrian_references(cal: Calibration, clean: Mapping[str, np.ndarray], labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Per class, the sorted decision statistic of the clean calibration images of that class (the
+    images cal was fitted on, in the same order: score -> (n,), labels (n,) = their predicted classes,
+    which are their true ones). For a combination only its part B counts, as for the pooled values."""
+    labels = np.asarray(labels)
+    if cal.combination is not None:
+        _, b = halves(len(labels))
+        s, labels = cal.combination.min_p({k: np.asarray(clean[k])[b] for k in cal.decision_scores}), labels[b]
+        if not np.array_equal(np.sort(s), cal.combination.values):
+            raise ValueError("these clean values are not the ones the combination was fitted on (or not in the same order)")
+    else:
+        s = np.asarray(clean[cal.statistic], dtype=np.float64)
+    return {int(c): np.sort(s[labels == c]) for c in np.unique(labels)}

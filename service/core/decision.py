@@ -33,9 +33,10 @@ def rates(p: np.ndarray, alphas: Sequence[float], prefix: str) -> dict[str, floa
     return {f"{prefix}@{a}": flag_rate(p, a) for a in alphas}
 
 
-def decide(cal: Calibration, t: Mapping[str, np.ndarray], alpha: float) -> Verdicts:
-    """The bundle's verdict for thresholded scores t (name -> (N,); at least the decision's scores)."""
-    p = cal.decision_p_value(t)
+def decide(cal: Calibration, t: Mapping[str, np.ndarray], alpha: float, predicted: np.ndarray | None = None) -> Verdicts:
+    """The bundle's verdict for thresholded scores t (name -> (N,); at least the decision's scores) of
+    images predicted as `predicted` (N,) (needed by a class-conditional calibration)."""
+    p = cal.decision_p_value(t, predicted)
     return Verdicts(p, flag(p, alpha), alpha)
 
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from service.core.baselines import Mahalanobis
 from service.core.bundle import Bundle
-from service.core.calibration import COMBINED, Calibration, Combination, Component
-from service.core.scoring import score_dataset
+from service.core.calibration import COMBINED, Calibration, Combination, Component, mondrian_references
+from service.core.scoring import predict, score_dataset
 from service.lab.data import Dataset, load_dataset, load_train_subset
 
 DEFAULT_OPTIONS: dict[str, Any] = {"noise_sigma": 0.1, "noise_samples": 16}
@@ -39,15 +39,17 @@ def calibrate(
     progress: bool = False,
     options: dict[str, Any] | None = None,
     components: Sequence[Component] = (),
+    mondrian: bool = False,
 ) -> Calibration:
     """Scores every clean image the model classifies correctly; keeps the sorted values per score.
-    statistic "combined" fits a Combination of `components` on two seeded halves of those images."""
+    statistic "combined" fits a Combination of `components` on two seeded halves of those images;
+    mondrian adds the decision's references per class."""
     _check_decision(statistic, components, set(bundle.scores))
     opts = {**DEFAULT_OPTIONS, **(options or {})}
     values, pred = score_dataset(bundle, data.x, list(bundle.scores), batch_size, progress, opts)
     correct = pred == data.y.numpy()
     combination = Combination.fit(components, {k: v[correct] for k, v in values.items()}) if components else None
-    return Calibration(
+    cal = Calibration(
         weights_sha256=bundle.weights_sha256,
         data={
             "description": data.description + ", correctly classified images only",
@@ -62,6 +64,9 @@ def calibrate(
         tail=tail,
         combination=combination,
     )
+    if mondrian:
+        cal.mondrian = mondrian_references(cal, {k: v[correct] for k, v in values.items()}, data.y.numpy()[correct])
+    return cal
 
 
 def same_values(a: np.ndarray, b: np.ndarray, tol: float = 1e-2) -> bool:
@@ -75,12 +80,19 @@ def same_values(a: np.ndarray, b: np.ndarray, tol: float = 1e-2) -> bool:
 
 
 def redecide(
-    cal: Calibration, clean: Mapping[str, np.ndarray], alpha: float, statistic: str, tail: str, components: Sequence[Component] = ()
+    cal: Calibration,
+    clean: Mapping[str, np.ndarray],
+    alpha: float,
+    statistic: str,
+    tail: str,
+    components: Sequence[Component] = (),
+    labels: np.ndarray | None = None,
 ) -> Calibration:
     """A new decision on the same clean images, without scoring them again: clean holds their values
     aligned per image (score -> (n,)), e.g. the clean part of `fisherguard evaluate --split calibration`
     on the same bundle; every score must sort to cal's values up to float32 reproducibility (the same
-    images and weights scored in other batches: within 1% of the values' interquartile range)."""
+    images and weights scored in other batches: within 1% of the values' interquartile range).
+    labels (n,), the images' classes in the same order, make the decision class-conditional (Mondrian)."""
     for name, values in cal.values.items():
         if name not in clean or not same_values(np.sort(clean[name]), np.asarray(values)):
             raise ValueError(
@@ -89,7 +101,10 @@ def redecide(
     _check_decision(statistic, components, set(cal.values))
     combination = Combination.fit(components, {k: np.asarray(v, dtype=np.float64) for k, v in clean.items()}) if components else None
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    return dataclasses.replace(cal, alpha=alpha, statistic=statistic, tail=tail, combination=combination, created=now)
+    new = dataclasses.replace(cal, alpha=alpha, statistic=statistic, tail=tail, combination=combination, created=now, mondrian=None)
+    if labels is not None:
+        new.mondrian = mondrian_references(new, clean, labels)
+    return new
 
 
 def clean_scores(path: Path) -> dict[str, np.ndarray]:
@@ -137,18 +152,23 @@ def run(
     batch_size: int = 64,
     progress: bool = False,
     scores: Path | None = None,
+    mondrian: bool = False,
 ) -> Calibration:
     """A calibration for `spec`: from the clean images of `data`'s `split`, or, with `scores` (an
-    evaluate run's scores.npz on the same split), a new decision on the existing one without rescoring."""
+    evaluate run's scores.npz on the same split), a new decision on the existing one without rescoring.
+    mondrian: class-conditional references (docs/detection.md#class-conditional-calibration)."""
+    images = load_dataset(data, split, bundle.classes, bundle.input_shape)
     if scores is not None:
         if bundle.calibration is None:
             raise ValueError("--scores changes the decision of an existing calibration: this bundle has none")
-        return redecide(bundle.calibration, clean_scores(scores), alpha, spec.statistic, spec.tail, spec.components)
-    images = load_dataset(data, split, bundle.classes, bundle.input_shape)
+        labels = None
+        if mondrian:  # the run's clean images are the split's correctly classified ones, in order
+            labels = images.y.numpy()[predict(bundle, images.x).numpy() == images.y.numpy()]
+        return redecide(bundle.calibration, clean_scores(scores), alpha, spec.statistic, spec.tail, spec.components, labels)
     trained = bundle.detector.meta.get("data", {}) if bundle.detector is not None else {}
     if trained.get("sha256") == images.sha256 and split in ("calibration", "calibration-a", "all"):
         raise ValueError(
             f"this bundle's learned detector was trained on {trained.get('split')} of this data: calibrate on images it "
             "never saw (--split calibration-b), or the conformal guarantee does not hold"
         )
-    return calibrate(bundle, images, alpha, spec.statistic, spec.tail, batch_size, progress, components=spec.components)
+    return calibrate(bundle, images, alpha, spec.statistic, spec.tail, batch_size, progress, components=spec.components, mondrian=mondrian)

@@ -119,7 +119,7 @@ def evaluate(
         cal_values |= {k: np.sort(v) for k, v in score_dataset(extra.bundle, cx[keep], extra.names, batch_size)[0].items()}
     pick = torch.from_numpy(seeded_pick(len(x), limit))
     x, y = x[pick], y[pick]
-    p_clean = cal.decision_p_value(clean)
+    p_clean = cal.decision_p_value(clean, data.y.numpy()[ok])
     per_image: dict[str, np.ndarray] = {f"clean/{k}": v for k, v in clean.items()} | {f"calibration/{k}": v for k, v in cal_values.items()}
     report: dict[str, Any] = {
         "per_image": per_image,  # thresholded-form values per image, for offline analysis (write() puts them in scores.npz)
@@ -146,7 +146,7 @@ def evaluate(
         delta = (adv - x)[hit].flatten(1)
         adv_scores, _ = _score(bundle, extra, adv[hit], batch_size, progress)
         per_image |= {f"{attack.name}/{k}": v for k, v in adv_scores.items()}
-        p_adv = cal.decision_p_value(adv_scores)
+        p_adv = cal.decision_p_value(adv_scores, adv_pred[hit].numpy())
         stat = decision.rates(p_adv, alphas, "tpr") | decision.rates(p_clean, alphas, "fpr")
         stat["auc"] = roc_auc(-cal.decision_rank(clean), -cal.decision_rank(adv_scores)) if len(p_adv) else float("nan")
         success = float((adv_pred != y).float().mean())

@@ -26,7 +26,9 @@ def make_gallery(bundle: Bundle, data: Dataset, eps: float, n: int = 4, out: Pat
     x, y = data.x[order], data.y[order]
     adv = attacks.quantise(attacks.pgd_linf(bundle.model, x, y, eps))
     rc, ra = (score(bundle, images, cal.decision_scores) for images in (x, adv))
-    flags = {kind: decision.decide(cal, r.thresholded(), cal.alpha).flagged for kind, r in (("clean", rc), ("pgd", ra))}
+    flags = {
+        kind: decision.decide(cal, r.thresholded(), cal.alpha, r.predicted.numpy()).flagged for kind, r in (("clean", rc), ("pgd", ra))
+    }
     entries: list[dict[str, object]] = []
     for i in range(len(x)):
         if len(entries) == 2 * n:

@@ -110,7 +110,7 @@ def judge(state: State, result: ImageResult, spec: Ask) -> Judged:
     assert state.bundle is not None and state.bundle.calibration is not None
     cal = state.bundle.calibration
     t = thresholded_all(result.scores)
-    verdict = decision.decide(cal, {k: t[k].reshape(1) for k in cal.decision_scores}, spec.alpha)
+    verdict = decision.decide(cal, {k: t[k].reshape(1) for k in cal.decision_scores}, spec.alpha, np.array([result.predicted]))
     p, flagged = float(verdict.p_value[0]), bool(verdict.flagged[0])
     state.metrics.p_value.observe(p)
     if flagged:
