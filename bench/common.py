@@ -6,8 +6,10 @@ import os
 import platform
 import socket
 import statistics
+import struct
 import subprocess
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,3 +75,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def compressible_png(side: int) -> bytes:
+    """A real side×side 8-bit grey PNG of zeros: tens of kB that decode to side² bytes (a decompression bomb)."""
+    raw = zlib.compress((b"\0" * (side + 1)) * side, 9)  # each row: filter byte 0, then side zero pixels
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", raw)
+        + chunk(b"IEND", b"")
+    )

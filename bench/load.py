@@ -22,12 +22,10 @@ import json
 import os
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ import numpy as np
 import torch
 
 from bench import openloop
-from bench.common import environment, free_port, write
+from bench.common import compressible_png, environment, free_port, write
 from service.core.bundle import load_bundle
 from service.core.scores import DEFAULT
 from service.core.scoring import score
@@ -195,20 +193,6 @@ async def heatmap_neighbours(base: str, body: bytes, rounds: int = 8, group: int
         "beside_fis_median_ms": statistics.median(mixed),
         "ratio": statistics.median(mixed) / statistics.median(alone),
     }
-
-
-def compressible_png(side: int) -> bytes:
-    raw = zlib.compress((b"\0" * (side + 1)) * side, 9)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-        + chunk(b"IDAT", raw)
-        + chunk(b"IEND", b"")
-    )
 
 
 def multipart(files: list[bytes]) -> tuple[bytes, str]:

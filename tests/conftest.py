@@ -1,4 +1,6 @@
 import io
+import os
+import shutil
 import socket
 import threading
 import time
@@ -61,6 +63,16 @@ def client(mnist: Bundle) -> Iterator[TestClient]:
     settings = Settings(device="cpu", max_body_bytes=200_000, max_images_per_request=8)
     with TestClient(create_app(settings, bundle=mnist)) as c:
         yield c
+
+
+def need_tool(name: str, package: str) -> str:
+    """The path of a command-line tool; CI must have it (.ci/run installs it), elsewhere the test skips."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run installs Debian's {package} package")
+        pytest.skip(f"{name} is not installed (apt-get install {package})")
+    return path
 
 
 def free_port() -> int:

@@ -1,7 +1,6 @@
 """Container, Compose, Kubernetes, Prometheus and Grafana files, checked by the real tools that run here."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,20 +17,10 @@ from dockerfile_parse import DockerfileParser
 from service.bundle import Bundle
 from service.serve.app import create_app
 from service.serve.settings import Settings
-from tests.conftest import free_port, png, serving
+from tests.conftest import free_port, need_tool, png, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
-
-
-def tool(name: str) -> str:
-    """The path of a command-line tool; CI must have it (.ci/run installs it), elsewhere the test skips."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed; .ci/run installs Debian's prometheus package")
-        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +38,7 @@ def exported_names(base: str, digits) -> set[str]:  # type: ignore[no-untyped-de
 
 
 def test_promtool_accepts_the_config_and_rules() -> None:
-    promtool = tool("promtool")
+    promtool = need_tool("promtool", "prometheus")
     subprocess.run([promtool, "check", "config", str(DOCKER / "prometheus.yml")], check=True, capture_output=True)
     out = subprocess.run([promtool, "check", "rules", str(DOCKER / "alerts.yml")], check=True, capture_output=True, text=True)
     assert "SUCCESS: 4 rules found" in out.stdout
@@ -82,7 +71,7 @@ def test_grafana_dashboard_queries_name_exported_metrics(live: str, digits) -> N
 
 
 def test_a_real_prometheus_scrapes_the_service(live: str, tmp_path: Path) -> None:
-    prometheus = tool("prometheus")
+    prometheus = need_tool("prometheus", "prometheus")
     cfg = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     cfg["global"]["scrape_interval"] = "1s"
     cfg["global"]["evaluation_interval"] = "1s"

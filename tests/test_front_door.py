@@ -5,9 +5,7 @@ paying only for what its own request asked."""
 import asyncio
 import io
 import socket
-import struct
 import time
-import zlib
 from collections.abc import Sequence
 
 import httpx
@@ -15,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.common import compressible_png
 from service.core.bundle import Bundle
 from service.serve import uploads
 from service.serve.app import create_app
@@ -119,25 +118,9 @@ def test_an_admitted_request_keeps_its_room() -> None:
     assert (b_status, a_status) == (503, 200)
 
 
-def _compressible_png(side: int) -> bytes:
-    """A real side×side 8-bit grey PNG of zeros: tens of kB that decode to side² bytes."""
-    row = b"\0" + b"\0" * side
-    raw = zlib.compress(row * side, 9)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-        + chunk(b"IDAT", raw)
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.fixture(scope="module")
 def bombs() -> list[tuple[str, tuple[str, bytes, str]]]:
-    one = _compressible_png(6000)  # 36 megapixels each, under the per-image limit of 40
+    one = compressible_png(6000)  # 36 megapixels each, under the per-image limit of 40
     assert len(one) < 100_000 and Image.open(io.BytesIO(one)).size == (6000, 6000)
     return [("file", (f"{i}.png", one, "image/png")) for i in range(64)]
 

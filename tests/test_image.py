@@ -16,22 +16,13 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import FIXTURES, free_port, png
+from tests.conftest import FIXTURES, free_port, need_tool, png
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.image, pytest.mark.slow]
 BASE = "fisherguard-base:bookworm-test"
 IMAGE = "fisherguard:image-test"
 BASE_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"]  # what python:3.11-slim sets
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is not installed; .ci/run installs it")
-        pytest.skip(f"{tool} is not installed")
-    return path
 
 
 def run(*cmd: str, timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
@@ -41,11 +32,11 @@ def run(*cmd: str, timeout: float = 600, check: bool = True, **kw) -> subprocess
 @pytest.fixture(scope="module")
 def docker() -> Iterator[str]:
     """A Docker engine: the running one, or dockerd started here (and stopped at the end)."""
-    client = _need("docker")
+    client = need_tool("docker", "docker.io")
     if run(client, "info", check=False, timeout=30).returncode == 0:
         yield client
         return
-    daemon = _need("dockerd")
+    daemon = need_tool("dockerd", "docker.io")
     if os.geteuid() != 0:
         pytest.skip("starting dockerd needs root")
     proc = subprocess.Popen([daemon], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -63,7 +54,7 @@ def docker() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def base(docker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Debian bookworm minbase with Python 3.11 and its venv module, imported as an image."""
-    debootstrap = _need("debootstrap")
+    debootstrap = need_tool("debootstrap", "debootstrap")
     root = tmp_path_factory.mktemp("rootfs")
     run(
         debootstrap,
@@ -227,7 +218,7 @@ def test_two_builds_install_the_same_packages(docker: str, image: tuple[str, flo
 
 
 def test_compose_files_pass_the_real_tool() -> None:
-    compose = _need("docker-compose")
+    compose = need_tool("docker-compose", "docker-compose")
     for files in (["-f", "docker-compose.yml"], ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"]):
         done = run(compose, *files, "config", cwd=ROOT, check=False)
         assert done.returncode == 0, done.stderr
