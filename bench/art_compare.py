@@ -74,8 +74,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     bundle = load_bundle(a.model)
     data = load_dataset(
         a.data or Path("../shared/data") / bundle.card["training_data"]["file"], "calibration-b", bundle.classes, bundle.input_shape

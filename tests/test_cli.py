@@ -165,7 +165,11 @@ def test_evaluate_small(tmp_path: Path, small_npz: Path) -> None:
     # ε = 0.3 on MNIST: every digit flips and every one is flagged, none of the 16 clean ones is (docs/detection.md)
     assert a["n_successful"] == 16 and a["decision"]["tpr@0.01"] == 1.0 and a["decision"]["fpr@0.05"] == 0.0
     assert a["decision"]["auc"] == 1.0 and a["scores"]["mahalanobis_layers"]["auc"] >= 0.95
-    assert (out / "report.md").read_text().startswith("# Detection report: mnist")
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Detection report: mnist")
+    # the summary row: PGD-L∞ is a family the shipped detector was trained on; every success flagged
+    assert "| pgd_linf:0.3 | seen | 1.000 | 16 | 1.000 | 1.000 | 1.000 | 0.000 |" in md
+    assert "- seen (1): mean TPR 1.000 at α = 0.05, 1.000 at α = 0.01; lowest at α = 0.05: 1.000" in md
 
 
 def _free_port() -> int:

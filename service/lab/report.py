@@ -21,6 +21,7 @@ def markdown(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> str:
     named = ", ".join(f"`{c['score']}` ({c['tail']})" for c in parts or [])
     combo = f" = the smallest p-value of {named}, itself calibrated" if parts else ""
     lines += [f"Decision statistic: `{report['calibration']['statistic']}`{combo} (calibration n = {report['calibration']['n']}).", ""]
+    lines += summary(report, alphas)
     for name, a in report["attacks"].items():
         d = a["decision"]
         known = {True: " (a family the detector was trained on)", False: " (a family the detector never saw)"}.get(a.get("seen"), "")
@@ -48,6 +49,38 @@ def markdown(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> str:
             lines.append(f"| `{s}` | {r['auc']:.3f} [{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | {cells} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def kind(attack: dict[str, Any]) -> str:
+    """`control`, `adaptive`, or whether the detector was trained on the attack's family (`seen`/`unseen`)."""
+    if attack["control"]:
+        return "control"
+    if attack.get("family") == "adaptive":
+        return "adaptive"
+    return {True: "seen", False: "unseen"}.get(attack.get("seen"), "attack")
+
+
+def summary(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> list[str]:
+    """One row per attack (for a control the TPR cells are its flag rate), then the mean TPR per kind."""
+    fpr = report["clean"]["decision_fpr"]
+    lines = ["## Summary", "", "Clean FPR of the decision: " + ", ".join(f"{fpr[str(a)]:.3f} at α = {a}" for a in alphas) + ".", ""]
+    tpr = " | ".join(f"TPR@{a}" for a in alphas)
+    lines += [f"| attack | kind | success | n | AUC | {tpr} | succeeds unflagged @{alphas[0]} |", "|" + "---|" * (6 + len(alphas))]
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for name, a in report["attacks"].items():
+        d, k = a["decision"], kind(a)
+        by_kind.setdefault(k, []).append(d)
+        success = "—" if a["control"] else f"{a['success_rate']:.3f}"
+        unflagged = "—" if a["control"] else f"{a['unflagged_success_rate'][str(alphas[0])]:.3f}"
+        cells = " | ".join(f"{d[f'tpr@{al}']:.3f}" for al in alphas)
+        lines.append(f"| {name} | {k} | {success} | {a['n_successful']} | {d.get('auc', float('nan')):.3f} | {cells} | {unflagged} |")
+    lines.append("")
+    for k, rows in by_kind.items():
+        means = ", ".join(f"{np.nanmean([r[f'tpr@{al}'] for r in rows]):.3f} at α = {al}" for al in alphas)
+        first = [r[f"tpr@{alphas[0]}"] for r in rows]
+        worst = f"highest at α = {alphas[0]}: {max(first):.3f}" if k == "control" else f"lowest at α = {alphas[0]}: {min(first):.3f}"
+        lines.append(f"- {k} ({len(rows)}): mean {'flag rate' if k == 'control' else 'TPR'} {means}; {worst}")
+    return [*lines, ""]
 
 
 def plot_roc(report: dict[str, Any], out: Path, top: int = 6) -> None:
