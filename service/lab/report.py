@@ -57,7 +57,8 @@ def kind(attack: dict[str, Any]) -> str:
         return "control"
     if attack.get("family") == "adaptive":
         return "adaptive"
-    return {True: "seen", False: "unseen"}.get(attack.get("seen"), "attack")
+    seen = attack.get("seen")
+    return "attack" if seen is None else "seen" if seen else "unseen"
 
 
 def summary(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> list[str]:
