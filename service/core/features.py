@@ -115,7 +115,9 @@ def extract(
         eta = seeded_noise(x.detach(), spec.draws // 2) if eta is None else eta.to(xr)  # (N, M/2, C, H, W)
         noisy = [(xr + sign * spec.sigma * eta[:, j]).clamp(0, 1) for j in range(spec.draws // 2) for sign in (1.0, -1.0)]
         with torch.set_grad_enabled(grad):
-            zc = model(torch.cat([*copies, *noisy])).view(len(copies) + len(noisy), n, -1)  # (T + M, N, K)
+            # one forward per copy, not one of the (T + M)·N images: the batch's own size runs faster per
+            # image on the CPU (bench/results/decision-cost-cpu.json measures the whole decision)
+            zc = torch.stack([model(c) for c in (*copies, *noisy)])  # (T + M, N, K)
     if not grad:
         z, param, feature, gx, zc = z.detach(), param.detach(), feature.detach(), gx.detach(), zc.detach()
         kept = {k: v.detach() for k, v in kept.items()}
