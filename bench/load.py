@@ -115,12 +115,26 @@ def wrk(base: str, image: Path, connections: int, seconds: int) -> dict[str, Any
 
 
 async def _request(host: str, port: int, body: bytes, path: str = "/v1/detect", ctype: str = "image/png") -> tuple[int, bytes, float]:
-    """One POST on a fresh connection with a minimal HTTP/1.1 client (little CPU per request)."""
+    """One POST on a fresh keep-alive connection with a minimal HTTP/1.1 client (little CPU per request),
+    the response read while the body is still being sent, as HTTP clients do: a server that refuses
+    before reading the body answers at once and drains the rest (uvicorn closes a `Connection: close`
+    request instead, and the refusal can be lost in the reset)."""
     reader, writer = await asyncio.open_connection(host, port)
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    writer.write(head.encode() + body)
-    await writer.drain()
-    data = await reader.read()
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+
+    async def response() -> bytes:
+        start = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in start.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+        return start + await reader.readexactly(length)
+
+    answer = asyncio.create_task(response())
+    writer.write(head.encode())
+    for i in range(0, len(body), 1 << 16):
+        if answer.done():
+            break
+        writer.write(body[i : i + (1 << 16)])
+        await writer.drain()
+    data = await answer
     writer.close()
     return int(data.split(b" ", 2)[1]), data, time.monotonic()
 
