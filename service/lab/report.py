@@ -52,35 +52,39 @@ def markdown(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> str:
 
 
 def kind(attack: dict[str, Any]) -> str:
-    """`control`, `adaptive`, or whether the detector was trained on the attack's family (`seen`/`unseen`)."""
-    if attack["control"]:
-        return "control"
+    """`adaptive`, else whether the detector was trained on the family (`seen`/`unseen`), controls apart."""
     if attack.get("family") == "adaptive":
         return "adaptive"
     seen = attack.get("seen")
-    return "attack" if seen is None else "seen" if seen else "unseen"
+    trained = "" if seen is None else "seen" if seen else "unseen"
+    return f"control {trained}".strip() if attack["control"] else trained or "attack"
 
 
 def summary(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> list[str]:
-    """One row per attack (for a control the TPR cells are its flag rate), then the mean TPR per kind."""
+    """One row per attack (for a control the TPR cells are its flag rate), then the mean TPR per kind
+    over the attacks with at least one successful image."""
     fpr = report["clean"]["decision_fpr"]
     lines = ["## Summary", "", "Clean FPR of the decision: " + ", ".join(f"{fpr[str(a)]:.3f} at α = {a}" for a in alphas) + ".", ""]
     tpr = " | ".join(f"TPR@{a}" for a in alphas)
     lines += [f"| attack | kind | success | n | AUC | {tpr} | succeeds unflagged @{alphas[0]} |", "|" + "---|" * (6 + len(alphas))]
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for name, a in report["attacks"].items():
-        d, k = a["decision"], kind(a)
+        d, k, control = a["decision"], kind(a), a["control"]
+        success = "—" if control else f"{a['success_rate']:.3f}"
+        if a["n_successful"] == 0:
+            lines.append(f"| {name} | {k} | {success} | 0 | — |" + " — |" * len(alphas) + " 0.000 |")
+            continue
         by_kind.setdefault(k, []).append(d)
-        success = "—" if a["control"] else f"{a['success_rate']:.3f}"
-        unflagged = "—" if a["control"] else f"{a['unflagged_success_rate'][str(alphas[0])]:.3f}"
+        unflagged = "—" if control else f"{a['unflagged_success_rate'][str(alphas[0])]:.3f}"
         cells = " | ".join(f"{d[f'tpr@{al}']:.3f}" for al in alphas)
         lines.append(f"| {name} | {k} | {success} | {a['n_successful']} | {d.get('auc', float('nan')):.3f} | {cells} | {unflagged} |")
     lines.append("")
     for k, rows in by_kind.items():
-        means = ", ".join(f"{np.nanmean([r[f'tpr@{al}'] for r in rows]):.3f} at α = {al}" for al in alphas)
+        means = ", ".join(f"{np.mean([r[f'tpr@{al}'] for r in rows]):.3f} at α = {al}" for al in alphas)
         first = [r[f"tpr@{alphas[0]}"] for r in rows]
-        worst = f"highest at α = {alphas[0]}: {max(first):.3f}" if k == "control" else f"lowest at α = {alphas[0]}: {min(first):.3f}"
-        lines.append(f"- {k} ({len(rows)}): mean {'flag rate' if k == 'control' else 'TPR'} {means}; {worst}")
+        control = k.startswith("control")
+        worst = f"highest at α = {alphas[0]}: {max(first):.3f}" if control else f"lowest at α = {alphas[0]}: {min(first):.3f}"
+        lines.append(f"- {k} ({len(rows)}): mean {'flag rate' if control else 'TPR'} {means}; {worst}")
     return [*lines, ""]
 
 
