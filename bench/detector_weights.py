@@ -15,25 +15,7 @@ import torch
 
 from bench.common import environment, write
 from service.core.bundle import load_bundle
-
-GROUPS = {  # docs/detection.md#learned-detector
-    "predictive": ("margin", "entropy"),
-    "Fisher: input, profile, neighbourhood": (
-        "log_sensitivity",
-        "log_param_total",
-        "log_feature_total",
-        "param_share",
-        "feature_share",
-        "noise_kl",
-        "noise_shift",
-    ),
-    "squeezing": ("squeeze_kl", "squeeze_drop", "align"),
-    "Mahalanobis": ("log_mahalanobis", "log_mahalanobis_layers"),
-}
-
-
-def group(feature: str) -> str:
-    return next(g for g, prefixes in GROUPS.items() if feature.split("/")[0] in prefixes)
+from service.core.features import group
 
 
 def shares(name: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import torch
 
 from service.core.baselines import Mahalanobis
 from service.core.bundle import Bundle, load_bundle
-from service.core.features import FeatureSpec, extract
+from service.core.features import FeatureSpec, extract, group
 from service.core.learned import LearnedDetector
 from service.core.transforms import median_2x2
 from service.fisher import compute
@@ -194,6 +194,13 @@ def test_fit_detector_end_to_end_and_calibrate_on_part_b(tmp_path: Path, mnist: 
     assert main(args) == 0
     rows = __import__("json").loads((tmp_path / "r" / "detector.json").read_text())["rows"]
     assert rows["pgd_linf:0.3:5"]["seen"]["auc"] > 0.8 and "left_out" in rows["fgsm:0.3"]
+    # the ablation: the same run without the Fisher features (the cache makes it cheap), to its own file
+    ablated = [*args, "--without", "fisher", "--out", str(tmp_path / "nf.safetensors")]
+    ablated[ablated.index(str(tmp_path / "r"))] = str(tmp_path / "r2")
+    assert main(ablated) == 0
+    columns = __import__("json").loads((tmp_path / "r2" / "detector.json").read_text())["detector"]["columns"]
+    assert columns and {group(c) for c in columns} == {"predictive", "squeezing", "mahalanobis"}
+    assert main([*ablated, "--without", "nope"]) == 2
     bundle = load_bundle(dst)
     assert bundle.detector is not None and {"learned", "fisher_noise_shift"} <= set(bundle.scores)
     cal = ["calibrate", "--model", str(dst), "--data", str(npz), "--statistic", "learned", "--tail", "one-sided"]
@@ -220,3 +227,14 @@ def test_a_request_for_squeezing_and_the_detector_reuses_the_squeezed_copies(mni
     torch.testing.assert_close(shared, feature_squeezing(mnist.model, x), rtol=1e-5, atol=1e-7)
     spec = mnist.detector.spec
     assert calls == [6] * (1 + len(spec.squeezers) + spec.draws)  # the image, then each copy once: nothing more
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_every_shipped_detector_column_has_a_group(name: str) -> None:
+    """`--without GROUP` ablations and bench/detector_weights.py read the groups: none may be missed."""
+    detector = load_bundle(name).detector
+    assert detector is not None
+    groups = [group(c) for c in detector.names]
+    assert groups.count("fisher") >= 17 and set(groups) == {"predictive", "fisher", "squeezing", "mahalanobis"}
+    with pytest.raises(ValueError, match="belongs to no group"):
+        group("novel_column")

@@ -25,6 +25,9 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     f.add_argument("--control-weight", type=float, default=3.0, help="total weight of the controls relative to the clean images")
     f.add_argument("--control-margin", type=float, default=0.0, help="fit the controls as if their logit were this much larger")
     f.add_argument("--nuisance", action="store_true", help="project out the directions the controls move the features in")
+    f.add_argument(
+        "--without", default="", help="comma list of feature groups to leave out (an ablation): predictive, fisher, squeezing, mahalanobis"
+    )
     f.add_argument("--cache", type=Path, default=Path(".cache/attacks"), help="where attacked images are kept between runs")
     f.add_argument("--out", type=Path, help="default: <bundle>/detector.safetensors")
     f.add_argument("--report", type=Path, required=True, help="folder for detector.json and detector.md")
@@ -38,7 +41,14 @@ def run(a: argparse.Namespace) -> int:
 
     bundle = common.bundle(a)
     opts = learn.Options(
-        FeatureSpec(a.sigma, a.draws, tuple(a.squeezers.split(","))), a.kind, a.hidden, a.l2, a.control_weight, a.control_margin, a.nuisance
+        FeatureSpec(a.sigma, a.draws, tuple(a.squeezers.split(","))),
+        a.kind,
+        a.hidden,
+        a.l2,
+        a.control_weight,
+        a.control_margin,
+        a.nuisance,
+        without=tuple(g for g in a.without.split(",") if g),
     )
     collected = learn.collect(
         bundle,

@@ -47,6 +47,23 @@ SQUEEZERS: dict[str, Callable[[Tensor, bool], Tensor]] = {
 }
 
 
+GROUPS = {  # the detector's columns by what they measure, keyed by the name before any "/"
+    "predictive": ("margin", "entropy"),
+    "fisher": ("log_sensitivity", "log_param_total", "log_feature_total", "param_share", "feature_share", "noise_kl", "noise_shift"),
+    "squeezing": ("squeeze_kl", "squeeze_drop", "align"),
+    "mahalanobis": ("log_mahalanobis", "log_mahalanobis_layers"),
+}
+
+
+def group(column: str) -> str:
+    """The group of a detector column (GROUPS): `param_share/conv1` -> `fisher`."""
+    head = column.split("/")[0]
+    found = [g for g, heads in GROUPS.items() if head in heads]
+    if not found:
+        raise ValueError(f"column {column!r} belongs to no group of {sorted(GROUPS)}")
+    return found[0]
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """What to compute: the noise scale σ and the number of draws (antithetic pairs: even), the squeezers."""

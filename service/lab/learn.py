@@ -22,8 +22,8 @@ import torch
 from service.core.batches import device_of
 from service.core.bundle import Bundle
 from service.core.calibration import conformal_p_value
+from service.core.features import GROUPS, FeatureSpec, RawFeatures, extract, group
 from service.core.features import VERSION as FEATURES_VERSION
-from service.core.features import FeatureSpec, RawFeatures, extract
 from service.core.learned import LearnedDetector
 from service.core.scoring import predict
 from service.lab.attack_specs import Attack, parse_attack
@@ -46,6 +46,12 @@ class Options:
     control_margin: float = 0.0  # the controls are fitted as if their logit were this much larger: pushed below the clean tail
     nuisance: bool = False  # make the model blind to the directions in which the controls move the features
     seed: int = 0
+    without: tuple[str, ...] = ()  # feature groups (core.features.GROUPS) left out, for ablations
+
+    def __post_init__(self) -> None:
+        unknown = [g for g in self.without if g not in GROUPS]
+        if unknown:
+            raise ValueError(f"unknown feature groups {unknown}; known: {', '.join(GROUPS)}")
 
 
 @dataclass
@@ -286,12 +292,13 @@ def fit(c: Collected, opts: Options) -> tuple[LearnedDetector, dict[str, Any]]:
     """The detector trained on every training attack, and the report: per spec its part-B row when
     trained on everything (seen) and without its family (leave one family out)."""
     a, b = c.sets["a"], c.sets["b"]
-    detector = train(a, c.attacks, c.controls, opts, c.names, c.stats)
+    names = [n for n in c.names if group(n) not in opts.without]
+    detector = train(a, c.attacks, c.controls, opts, names, c.stats)
     rows: dict[str, Any] = {}
     for name in c.attacks + c.controls:
         rows[name] = {"family": c.families[name], "control": name in c.controls, "seen": measure(detector, b.clean, b.adv[name])}
     for family in sorted({c.families[x] for x in c.attacks}):
-        without = train(a, [x for x in c.attacks if c.families[x] != family], c.controls, opts, c.names, c.stats)
+        without = train(a, [x for x in c.attacks if c.families[x] != family], c.controls, opts, names, c.stats)
         for name in (x for x in c.attacks if c.families[x] == family):
             rows[name]["left_out"] = measure(without, b.clean, b.adv[name])
     detector.meta = {
@@ -308,10 +315,11 @@ def fit(c: Collected, opts: Options) -> tuple[LearnedDetector, dict[str, Any]]:
             "control_margin": opts.control_margin,
             "nuisance": opts.nuisance,
             "seed": opts.seed,
+            "without": list(opts.without),
         },
         "n_clean": len(c.parts["a"].y),
     }
-    return detector, {"detector": detector.meta | {"columns": c.names}, "clean_b": len(c.parts["b"].y), "rows": rows}
+    return detector, {"detector": detector.meta | {"columns": names}, "clean_b": len(c.parts["b"].y), "rows": rows}
 
 
 def markdown(report: dict[str, Any]) -> str:
