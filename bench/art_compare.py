@@ -18,7 +18,7 @@ import torch
 from bench.common import environment, write
 from service.core.bundle import load_bundle
 from service.core.scoring import predict
-from service.lab import art_attacks, attacks
+from service.lab import art_attacks, attacks, learn
 from service.lab.data import load_dataset, seeded_subset
 
 PAIRS = {  # name -> (ours, ART's), the same settings
@@ -82,8 +82,7 @@ def main() -> None:
     data = load_dataset(
         a.data or Path("../shared/data") / bundle.card["training_data"]["file"], "calibration-b", bundle.classes, bundle.input_shape
     )
-    keep = predict(bundle, data.x) == data.y
-    data = seeded_subset(type(data)(data.x[keep], data.y[keep], data.description, data.sha256), a.limit)
+    data = seeded_subset(learn.correct(bundle, data), a.limit)
     rows: dict[str, Any] = {}
     skipped = [k for k in a.skip.split(",") if k]
     for name, (ours, theirs) in PAIRS[a.model].items():

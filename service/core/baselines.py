@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from service.core.batches import cat_dicts, map_batches
 from service.core.transforms import bit_depth, median_2x2
@@ -48,15 +49,8 @@ def logits_and_features(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One forward pass of x (B, C, H, W): the logits (B, K) and, of the first `rows` images only, the
     tapped features as in `features`."""
-    modules = dict(model.named_modules())
     out: dict[str, Tensor] = {}
-
-    def keep(name: str, t: Tensor) -> None:
-        t = t[:rows]
-        out[name] = t.mean((2, 3)) if t.dim() == 4 else t.flatten(1)
-
-    handles = [modules[t].register_forward_hook(lambda mod, args, o, t=t: keep(t, o)) for t in taps]
-    handles.append(_last_linear(model).register_forward_hook(lambda mod, args, o: keep(PENULTIMATE, args[0])))
+    handles = feature_hooks(model, taps, out, rows)
     try:
         with torch.set_grad_enabled(grad):
             z = model(x)
@@ -64,6 +58,21 @@ def logits_and_features(
         for h in handles:
             h.remove()
     return (z, out) if grad else (z.detach(), {k: v.detach() for k, v in out.items()})
+
+
+def feature_hooks(model: nn.Module, taps: Sequence[str], out: dict[str, Tensor], rows: int | None = None) -> list[RemovableHandle]:
+    """Forward hooks that put into `out` the outputs of the modules named `taps` (4-D ones reduced to
+    their channel means, (N, C)) and the penultimate features (N, F), of the first `rows` images (all:
+    None). The caller removes them."""
+    modules = dict(model.named_modules())
+
+    def keep(name: str, t: Tensor) -> None:
+        t = t[:rows]
+        out[name] = t.mean((2, 3)) if t.dim() == 4 else t.flatten(1)
+
+    handles = [modules[t].register_forward_hook(lambda mod, args, o, t=t: keep(t, o)) for t in taps]
+    handles.append(_last_linear(model).register_forward_hook(lambda mod, args, o: keep(PENULTIMATE, args[0])))
+    return handles
 
 
 def stage_outputs(model: nn.Module, x: Tensor) -> list[str]:

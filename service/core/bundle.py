@@ -121,16 +121,18 @@ def load_model(root: Path, card: dict[str, Any]) -> tuple[nn.Module, str]:
     return model.eval(), digest
 
 
+def _tied(path: Path, made_for: str, digest: str, remedy: str) -> None:
+    """A file that belongs to one set of weights must name them: else a BundleError quoting both."""
+    if made_for != digest:
+        raise BundleError(f"{path} was made for weights with sha256 {made_for!r}, but model.safetensors has sha256 {digest}: {remedy}")
+
+
 def load_calibration(root: Path, digest: str) -> Calibration | None:
     path = root / "calibration.json"
     if not path.is_file():
         return None
     cal = Calibration.load(path)
-    if cal.weights_sha256 != digest:
-        raise BundleError(
-            f"{path} was made for weights with sha256 {cal.weights_sha256}, but model.safetensors has "
-            f"sha256 {digest}: recalibrate with `fisherguard calibrate`"
-        )
+    _tied(path, cal.weights_sha256, digest, "recalibrate with `fisherguard calibrate`")
     return cal
 
 
@@ -151,10 +153,7 @@ def load_mahalanobis(root: Path, digest: str) -> Mahalanobis | None:
     if not path.is_file():
         return None
     fit, made_for = Mahalanobis.load(path)
-    if made_for != digest:
-        raise BundleError(
-            f"{path} was fitted for weights with sha256 {made_for!r}, not {digest}: refit with `fisherguard calibrate --fit-mahalanobis N`"
-        )
+    _tied(path, made_for, digest, "refit with `fisherguard calibrate --fit-mahalanobis N`")
     return fit
 
 
@@ -163,8 +162,5 @@ def load_detector(root: Path, digest: str) -> LearnedDetector | None:
     if not path.is_file():
         return None
     detector, made_for = LearnedDetector.load(path)
-    if made_for != digest:
-        raise BundleError(
-            f"{path} was trained for weights with sha256 {made_for!r}, not {digest}: train it again with `fisherguard fit-detector`"
-        )
+    _tied(path, made_for, digest, "train it again with `fisherguard fit-detector`")
     return detector

@@ -18,13 +18,13 @@ Every column is differentiable in x (grad=True: double backprop through the prof
 bit depth), so an adaptive attacker can take exact gradients of a detector built on them.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from service.core.baselines import PENULTIMATE, Mahalanobis, squeezing_distance
+from service.core.baselines import PENULTIMATE, Mahalanobis, feature_hooks, squeezing_distance
 from service.core.transforms import bit_depth, gaussian_blur, median_2x2
 from service.fisher import basics, persample
 from service.fisher.gradients import eval_mode, forward
@@ -115,7 +115,7 @@ def extract(
     with eval_mode(model), torch.enable_grad():
         xr = x if grad and x.requires_grad else x.detach().to(next(model.parameters()).dtype).requires_grad_(True)
         kept: dict[str, Tensor] = {}
-        hooks = _hooks(model, taps, kept)
+        hooks = feature_hooks(model, taps, kept)
         try:
             z, tape = forward(model, xr, True)
         finally:
@@ -178,16 +178,3 @@ def squeezing_from_features(raw: RawFeatures, spec: FeatureSpec, channels: int) 
     if not set(wanted) <= set(spec.squeezers):
         return None
     return squeezing_distance(raw.logits, [raw.squeezed[q] for q in wanted])
-
-
-def _hooks(model: nn.Module, taps: Sequence[str], kept: dict[str, Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Forward hooks that keep the Mahalanobis features (channel means of `taps`, the penultimate input)."""
-    modules = dict(model.named_modules())
-
-    def keep(name: str, t: Tensor) -> None:
-        kept[name] = t.mean((2, 3)) if t.dim() == 4 else t.flatten(1)
-
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    handles = [modules[t].register_forward_hook(lambda mod, args, o, t=t: keep(t, o)) for t in taps]
-    handles.append(last.register_forward_hook(lambda mod, args, o: keep(PENULTIMATE, args[0])))
-    return handles

@@ -157,14 +157,15 @@ def run(
     """A calibration for `spec`: from the clean images of `data`'s `split`, or, with `scores` (an
     evaluate run's scores.npz on the same split), a new decision on the existing one without rescoring.
     mondrian: class-conditional references (docs/detection.md#class-conditional-calibration)."""
-    images = load_dataset(data, split, bundle.classes, bundle.input_shape)
     if scores is not None:
         if bundle.calibration is None:
             raise ValueError("--scores changes the decision of an existing calibration: this bundle has none")
         labels = None
         if mondrian:  # the run's clean images are the split's correctly classified ones, in order
+            images = load_dataset(data, split, bundle.classes, bundle.input_shape)
             labels = images.y.numpy()[predict(bundle, images.x).numpy() == images.y.numpy()]
         return redecide(bundle.calibration, clean_scores(scores), alpha, spec.statistic, spec.tail, spec.components, labels)
+    images = load_dataset(data, split, bundle.classes, bundle.input_shape)
     trained = bundle.detector.meta.get("data", {}) if bundle.detector is not None else {}
     if trained.get("sha256") == images.sha256 and split in ("calibration", "calibration-a", "all"):
         raise ValueError(

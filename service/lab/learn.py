@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.core.batches import device_of
+from service.core.batches import cat_dicts, device_of, map_batches
 from service.core.bundle import Bundle
 from service.core.calibration import conformal_p_value
 from service.core.features import GROUPS, FeatureSpec, RawFeatures, extract, group
@@ -69,13 +69,9 @@ def correct(bundle: Bundle, data: Dataset) -> Dataset:
 
 def features(bundle: Bundle, x: torch.Tensor, spec: FeatureSpec, batch: int = 64) -> Table:
     """The raw feature columns of x, batch by batch, as numpy (float64)."""
-    parts: list[RawFeatures] = [
-        extract(bundle.model, x[i : i + batch].to(device_of(bundle.model)), spec, bundle.mahalanobis) for i in range(0, len(x), batch)
-    ]
-    table = {k: torch.cat([p.columns[k] for p in parts]).cpu().numpy() for k in parts[0].columns}
-    table["shift"] = torch.cat([p.shift for p in parts]).cpu().numpy()
-    table["predicted"] = torch.cat([p.predicted for p in parts]).cpu().numpy()
-    return table
+    parts = map_batches(lambda xb: extract(bundle.model, xb, spec, bundle.mahalanobis), x, batch=batch, device=device_of(bundle.model))
+    table = cat_dicts([p.columns | {"shift": p.shift, "predicted": p.predicted} for p in parts])
+    return {k: v.numpy() for k, v in table.items()}
 
 
 def cached_features(bundle: Bundle, x: torch.Tensor, spec: FeatureSpec, cache: Path | None, key: str) -> Table:
