@@ -35,7 +35,12 @@ RUN pip install --no-deps --no-build-isolation --no-index . \
     && python -m compileall -q -j 0 $site/service $site/models
 
 FROM ${BASE} AS runtime
-RUN useradd --system --uid 10001 --create-home fisherguard
+# jemalloc: `serve` re-executes under it (docs/deployment.md#memory); a base that has it needs no index.
+RUN useradd --system --uid 10001 --create-home fisherguard \
+    && if ! ls /usr/lib/*/libjemalloc.so.2 > /dev/null 2>&1; then \
+      (apt-get update && apt-get install -y --no-install-recommends libjemalloc2 && rm -rf /var/lib/apt/lists/*) \
+      || echo "no libjemalloc2: serve runs on the C library's malloc"; \
+    fi
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

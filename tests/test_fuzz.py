@@ -1,5 +1,5 @@
 """Schemathesis against the app's own OpenAPI schema: no 5xx, documented status codes, responses
-that match the schema. And a soak: 20,000 requests, good, bad and abandoned, nothing lost."""
+that match the schema. And a soak: 60,000 requests, good, bad and abandoned, nothing lost."""
 
 import asyncio
 import os
@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
 from service.bundle import Bundle
+from service.serve.allocator import find_jemalloc
 from service.serve.app import create_app
 from service.serve.settings import Settings
 from tests.conftest import free_port, png, serving, wait_ready
@@ -87,7 +88,15 @@ N = 60_000  # requests of the soak test
 def test_soak_60000_requests_at_concurrency_64(digits) -> None:  # type: ignore[no-untyped-def]
     x, _ = digits
     port = free_port()
-    env = {**os.environ, "FISHERGUARD_MAX_QUEUE_IMAGES": "4096", "FISHERGUARD_LOG_LEVEL": "warning"}
+    jemalloc = find_jemalloc() is not None  # the allocator the image runs on; see the memory bound below
+    if not jemalloc and os.environ.get("CI"):
+        pytest.fail("jemalloc is not installed; .ci/run installs Debian's libjemalloc2 package")
+    env = {
+        **os.environ,
+        "FISHERGUARD_MAX_QUEUE_IMAGES": "4096",
+        "FISHERGUARD_LOG_LEVEL": "warning",
+        "FISHERGUARD_ALLOCATOR": "jemalloc" if jemalloc else "system",
+    }
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -117,14 +126,15 @@ def test_soak_60000_requests_at_concurrency_64(digits) -> None:  # type: ignore[
             for p in ("fisherguard_requests_total{", "fisherguard_request_duration_seconds_count")
         ]
         assert counts[0] == counts[1]
-        # A leak grows with the request count; the allocator's high-water marks step up and down by
-        # 10-15 MB at a time, so a window of 14,000 requests could not tell them from a leak of the size
-        # the bound is for. Over 60,000 requests the least-squares slope of the resident set against
-        # the request count resolves it: at most 1.4 KB per request (the bound the 20,000-request
-        # version meant: 5% of the resident set over 14,000 requests).
+        # A leak grows with the request count. Over 60,000 requests the least-squares slope of the
+        # resident set against the request count is at most 1.4 KB per request (5% of the resident set
+        # over 14,000 requests). On glibc's malloc the slope is 1.2-1.6 KB per request with a flat
+        # Python heap: its arenas keep freed tensor memory mapped (docs/deployment.md#memory), so the
+        # bound holds the service to the allocator it ships with.
         slope = np.polyfit(np.arange(1, len(rss) + 1) * 4000, np.asarray(rss, dtype=float), 1)[0]  # KB per request
-        assert slope <= 1.4, (slope, rss0, rss)
-        assert max(rss) <= 1.5 * rss0, (rss0, rss)
+        if jemalloc:
+            assert slope <= 1.4, (slope, rss0, rss)
+            assert max(rss) <= 1.5 * rss0, (rss0, rss)
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -53,13 +53,13 @@ def docker() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def base(docker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Debian bookworm minbase with Python 3.11 and its venv module, imported as an image."""
+    """Debian bookworm minbase with Python 3.11, its venv module and jemalloc, imported as an image."""
     debootstrap = need_tool("debootstrap", "debootstrap")
     root = tmp_path_factory.mktemp("rootfs")
     run(
         debootstrap,
         "--variant=minbase",
-        "--include=python3,python3-venv",
+        "--include=python3,python3-venv,libjemalloc2",
         "bookworm",
         str(root),
         "http://deb.debian.org/debian",
@@ -175,6 +175,7 @@ def test_the_image_builds_without_an_index_and_runs_as_users_run_it(docker: str,
                 assert r["predicted_class"] == label and r["decision"]["flagged"] is False
                 assert "fisherguard_model_ready 1.0" in httpx.get(url + "/metrics").text
                 assert run(docker, "exec", name, "id", "-u").stdout.strip() == "10001"
+                assert "libjemalloc" in run(docker, "exec", name, "cat", "/proc/1/maps").stdout  # serve re-executed under it
             assert _health(docker, name) == "healthy", run(docker, "logs", name, check=False).stderr[-2000:]
         finally:
             run(docker, "rm", "-f", name, check=False)

@@ -14,14 +14,19 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     s.add_argument("--max-queue-images", type=int)
     s.add_argument("--request-timeout-ms", type=float)
     s.add_argument("--torch-threads", type=int)
+    s.add_argument("--allocator", choices=["auto", "jemalloc", "system"])
     s.add_argument("--log-level")
     s.set_defaults(func=run)
 
 
 def run(a: argparse.Namespace) -> int:
-    from service.serve.server import run as serve
+    from service.serve import allocator
     from service.serve.settings import Settings
 
     fields = set(Settings.model_fields)
-    serve(Settings(**{k: v for k, v in vars(a).items() if k in fields and v is not None}))
+    settings = Settings(**{k: v for k, v in vars(a).items() if k in fields and v is not None})
+    allocator.ensure(settings.allocator)  # before torch is imported: may re-execute this command
+    from service.serve.server import run as serve
+
+    serve(settings)
     return 0

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from service.core.bundle import Bundle, load_bundle
 from service.core.device import pick_device
 from service.fisher import HEATMAPS
+from service.serve import allocator
 from service.serve.batcher import Batcher
 from service.serve.detector import Detector
 from service.serve.errors import ServiceError
@@ -62,7 +63,7 @@ def lifespan_for(settings: Settings, bundle: Bundle | None) -> Callable[[FastAPI
         state.metrics.model.info({"name": state.bundle.name, "version": str(state.bundle.card["version"]), "device": state.device})
         gc.freeze()  # what start-up built lives for the process: keep it out of every later collection (whole-heap pauses of ~100 ms)
         state.batcher.start()
-        log.info("serving %s on %s", state.bundle.name, state.device)
+        log.info("serving %s on %s, allocator %s", state.bundle.name, state.device, allocator.in_use())
         try:
             yield
         finally:

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.serve.allocator import Allocator
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FISHERGUARD_", extra="forbid")
@@ -21,6 +23,9 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(256, ge=1, description="images waiting at most; more are answered 503 overloaded")
     request_timeout_ms: float = Field(10_000, gt=0, description="deadline of a request, queue and compute")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    allocator: Allocator = Field(
+        "auto", description="memory allocator: jemalloc when the machine has it (auto), or the C library's (system)"
+    )
     engine_nice: int = Field(10, ge=0, le=19, description="how much lower the engine's CPU priority is than the HTTP front's")
     # limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
@@ -32,7 +37,8 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(None, description="comma-separated API keys; then requests need `Authorization: Bearer <key>`")
     api_keys_file: Path | None = Field(None, description="a file with one API key per line (blank lines and # comments ignored)")
     public_paths: str = Field(
-        "/healthz,/readyz,/metrics,/,/static/,/docs,/openapi.json", description="open without a key (a trailing / opens a prefix)"
+        "/healthz,/readyz,/metrics,/,/static/,/docs,/openapi.json,/v2/health/",
+        description="open without a key (a trailing / opens a prefix)",
     )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     expose_details: bool = Field(True, description="return scores, p-values and heatmaps (gradient information an attacker can use)")
