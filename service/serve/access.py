@@ -11,6 +11,7 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.serve.errors import ServiceError, error_body
 from service.serve.settings import Settings
 
 log = logging.getLogger("fisherguard.access")
@@ -29,8 +30,8 @@ def key_ok(header: str | None, keys: list[str]) -> bool:
     return sum(hmac.compare_digest(given, k.encode()) for k in keys) > 0
 
 
-def _error(status: int, code: str, message: str, request_id: str) -> tuple[Message, Message]:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+def _error(status: int, code: str, message: str, request_id: str, path: str) -> tuple[Message, Message]:
+    body = json.dumps(error_body(ServiceError(status, code, message), path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode())]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="fisherguard"'))
@@ -66,7 +67,9 @@ class AccessControl:
 
         try:
             if self.keys and not self.settings.public(path) and not key_ok(headers.get(b"authorization", b"").decode("latin-1"), self.keys):
-                start, body = _error(401, "unauthorized", "this server needs an API key: send `Authorization: Bearer <key>`", request_id)
+                start, body = _error(
+                    401, "unauthorized", "this server needs an API key: send `Authorization: Bearer <key>`", request_id, path
+                )
                 await send_wrapper(start)
                 await send(body)
                 return

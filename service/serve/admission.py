@@ -5,19 +5,29 @@ first image until its images are queued or the request ends."""
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from types import SimpleNamespace
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.serve.errors import ServiceError
+from service.serve.errors import ServiceError, error_body
 from service.serve.state import State
 
-QUEUEING = ("/v1/detect",)  # POST routes whose images go through the batcher
+QUEUEING = ("/v1/detect",)  # POST routes whose images go through the batcher; and the protocol's infer
+INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 
 
 def queues_images(scope: Scope) -> bool:
-    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in QUEUEING
+    return scope["type"] == "http" and scope["method"] == "POST" and (scope["path"] in QUEUEING or INFER.match(scope["path"]) is not None)
+
+
+def route_template(path: str) -> str:
+    """The route label of a refused request: the template, never the client's model name (bounded labels)."""
+    m = INFER.match(path)
+    if m is None:
+        return path
+    return "/v2/models/{model_name}/versions/{model_version}/infer" if m.group(1) else "/v2/models/{model_name}/infer"
 
 
 class Admission:
@@ -39,8 +49,8 @@ class Admission:
                 raise ServiceError(503, "overloaded", f"queue holds {b.occupied} of {b.max_queue} images", retry_after=1)
         except ServiceError as e:
             state.metrics.errors.labels(e.code).inc()
-            scope["route"] = SimpleNamespace(path=scope["path"])  # the route label of the request metrics
-            await refuse(send, e)
+            scope["route"] = SimpleNamespace(path=route_template(scope["path"]))  # the route label of the request metrics
+            await refuse(send, e, scope["path"])
             await discard_body(receive)
             return
         scope.setdefault("state", {})["reservation"] = held
@@ -52,9 +62,9 @@ class Admission:
             held.release()
 
 
-async def refuse(send: Send, e: ServiceError) -> None:
-    """The error as the service's JSON body, with Retry-After, sent before the request body is read."""
-    body = json.dumps({"error": {"code": e.code, "message": e.message}}).encode()
+async def refuse(send: Send, e: ServiceError, path: str) -> None:
+    """The error as the route's JSON error body, with Retry-After, sent before the request body is read."""
+    body = json.dumps(error_body(e, path)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if e.retry_after is not None:
         headers.append((b"retry-after", str(e.retry_after).encode()))

@@ -37,9 +37,17 @@ def from_image_error(e: ImageError) -> ServiceError:
     return ServiceError(IMAGE_STATUS[e.code], e.code, e.message)
 
 
-def error_response(e: ServiceError) -> JSONResponse:
+def error_body(e: ServiceError, path: str) -> dict[str, object]:
+    """The JSON error body: the service's {"error": {"code", "message"}}, or on the Open Inference
+    Protocol's routes (/v2/...) its {"error": message}, with the code beside it (docs/oip.md#errors)."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return {"error": e.message, "code": e.code}
+    return {"error": {"code": e.code, "message": e.message}}
+
+
+def error_response(e: ServiceError, path: str = "") -> JSONResponse:
     headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
-    return JSONResponse({"error": {"code": e.code, "message": e.message}}, status_code=e.status, headers=headers)
+    return JSONResponse(error_body(e, path), status_code=e.status, headers=headers)
 
 
 def install_handlers(app: FastAPI, metrics: Metrics) -> None:
@@ -49,7 +57,7 @@ def install_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, e: ServiceError) -> JSONResponse:
         metrics.errors.labels(e.code).inc()
-        return error_response(e)
+        return error_response(e, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:

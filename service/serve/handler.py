@@ -38,6 +38,7 @@ class Judged:
     p_values: dict[str, float]
     p_value: float
     flagged: bool
+    statistic: float  # what the decision ranks (Calibration.decision_statistic)
 
 
 def names(raw: str | None, known: dict[str, Any] | tuple[str, ...], what: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -112,6 +113,7 @@ def judge(state: State, result: ImageResult, spec: Ask) -> Judged:
     t = thresholded_all(result.scores)
     verdict = decision.decide(cal, {k: t[k].reshape(1) for k in cal.decision_scores}, spec.alpha, np.array([result.predicted]))
     p, flagged = float(verdict.p_value[0]), bool(verdict.flagged[0])
+    statistic = float(cal.decision_statistic({k: t[k].reshape(1) for k in cal.decision_scores})[0])
     state.metrics.p_value.observe(p)
     if flagged:
         state.metrics.flagged.inc()
@@ -119,4 +121,4 @@ def judge(state: State, result: ImageResult, spec: Ask) -> Judged:
     pv = {k: float(np.asarray(v)) for k, v in decision.score_p_values(cal, {k: t[k] for k in spec.scores}).items()}
     if not state.settings.expose_details:  # gradient information helps an adaptive attacker
         shown, pv = {}, {}
-    return Judged(result, shown, pv, p, flagged)
+    return Judged(result, shown, pv, p, flagged, statistic)

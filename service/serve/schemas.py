@@ -75,3 +75,76 @@ IMAGE_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+# The Open Inference Protocol's shapes (docs/oip.md)
+class OipError(BaseModel):
+    error: str
+    code: str
+
+
+class OipTensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class OipServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class OipModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[OipTensorMetadata]
+    outputs: list[OipTensorMetadata]
+    parameters: dict[str, Any]
+
+
+class OipTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class OipRequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class OipInferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[OipTensor]
+    outputs: list[OipRequestedOutput] | None = None
+
+
+class OipInferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[OipTensor]
+
+
+OIP_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": OipError} for c in (400, 401, 403, 404, 413, 422, 503)}
+OIP_BOOLEAN: dict[int | str, dict[str, Any]] = {  # the protocol's health and readiness: the status is the answer
+    200: {"description": "true (empty body)", "content": {}},
+    400: {"description": "false (empty body)", "content": {}},
+}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+OIP_INFER: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": OipInferRequest.model_json_schema()}, "application/octet-stream": BINARY},
+    }
+}
+OIP_INFERRED: dict[int | str, dict[str, Any]] = {
+    200: {"model": OipInferResponse, "content": {"application/octet-stream": BINARY}, "description": "the verdicts"},
+    **OIP_ERRORS,
+}

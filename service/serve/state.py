@@ -21,7 +21,7 @@ class State:
     device: str = "cpu"
     warmed: bool = False
     draining: bool = False  # SIGTERM seen: finish what was accepted, refuse the rest
-    inflight: int = 0  # /v1/detect requests being handled
+    inflight: int = 0  # detect and infer requests being handled
 
     @property
     def closing(self) -> bool:
