@@ -197,7 +197,7 @@ def test_metrics_after_traffic(client: TestClient, digits) -> None:  # type: ign
     for name in [
         'fisherguard_requests_total{route="/v1/detect",status="200"}',
         "fisherguard_request_duration_seconds_bucket",
-        'fisherguard_images_scored_total{outcome="ok"}',
+        'fisherguard_images_scored_total{model="mnist",outcome="ok"}',
         "fisherguard_batches_total",
         "fisherguard_batch_size_images_bucket",
         "fisherguard_queue_depth_images",
@@ -205,8 +205,8 @@ def test_metrics_after_traffic(client: TestClient, digits) -> None:  # type: ign
         "fisherguard_compute_seconds_bucket",
         "fisherguard_images_flagged_total",
         "fisherguard_decision_p_value_bucket",
-        'fisherguard_model_info{device="cpu",name="mnist",version="1.0.0"} 1.0',
-        "fisherguard_model_ready 1.0",
+        'fisherguard_model_info{device="cpu",model="mnist",name="mnist",version="1.0.0"} 1.0',
+        'fisherguard_model_ready{model="mnist"} 1.0',
         'fisherguard_errors_total{code="bad_image"}',
     ]:
         assert name in text, name

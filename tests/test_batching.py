@@ -100,7 +100,7 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None
 
 async def _queued(c: httpx.AsyncClient, base: str) -> bool:
     text = (await c.get(base + "/metrics")).text
-    return any(line == "fisherguard_queue_depth_images 40.0" for line in text.splitlines())
+    return any(line == 'fisherguard_queue_depth_images{model="probe"} 40.0' for line in text.splitlines())
 
 
 async def _until_async(condition: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
@@ -187,9 +187,9 @@ def test_a_client_that_disconnects_has_its_work_dropped(probe_server) -> None:  
 
     assert asyncio.run(scenario()).status_code == 200
     deadline = time.monotonic() + 5
-    while metric(base, 'fisherguard_images_dropped_total{reason="cancelled"}') < 1 and time.monotonic() < deadline:
+    while metric(base, 'fisherguard_images_dropped_total{model="probe",reason="cancelled"}') < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert metric(base, 'fisherguard_images_dropped_total{reason="cancelled"}') == 1
+    assert metric(base, 'fisherguard_images_dropped_total{model="probe",reason="cancelled"}') == 1
     assert sum(model.seen) == 1
 
 

@@ -18,7 +18,7 @@ from service.core.bundle import Bundle
 from service.serve import uploads
 from service.serve.app import create_app
 from service.serve.batcher import Batcher
-from service.serve.metrics import Metrics
+from service.serve.metrics import Metrics, ModelMetrics
 from service.serve.settings import Settings
 from tests.conftest import png, serving
 from tests.test_batching import PNG, Probe, image, probe_bundle
@@ -186,7 +186,7 @@ def test_each_shape_of_request_is_its_own_predict_call() -> None:
         return [(float(v), tuple(heatmaps)) for v in x[:, 0, 0, 0]]
 
     async def scenario() -> list:  # type: ignore[type-arg]
-        b = Batcher(predict, max_batch=8, max_delay_s=0.05, max_queue=8, metrics=Metrics())
+        b = Batcher(predict, max_batch=8, max_delay_s=0.05, max_queue=8, metrics=ModelMetrics(Metrics(), "probe"))
         b.start()
         jobs = []
         for v, maps in ((1.0, frozenset()), (2.0, frozenset({"fis"})), (3.0, frozenset())):
@@ -219,7 +219,7 @@ def test_a_request_without_heatmaps_gets_none_beside_one_with_fis(mnist: Bundle,
         batches = httpx.get(base + "/metrics").text
     assert set(with_fis.json()["results"][0]["heatmaps"]) == {"fis"}
     assert plain.json()["results"][0]["heatmaps"] == {}
-    assert "fisherguard_batches_total 2.0" in batches  # one batch, two predict calls: the two shapes
+    assert 'fisherguard_batches_total{model="mnist"} 2.0' in batches  # one batch, two predict calls: the two shapes
 
 
 def test_the_decision_takes_one_forward_pass(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]

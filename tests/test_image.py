@@ -173,7 +173,7 @@ def test_the_image_builds_without_an_index_and_runs_as_users_run_it(docker: str,
             if name == "fg-image-default":
                 r = httpx.post(url + "/v1/detect", content=body, headers={"content-type": "image/png"}, timeout=30).json()["results"][0]
                 assert r["predicted_class"] == label and r["decision"]["flagged"] is False
-                assert "fisherguard_model_ready 1.0" in httpx.get(url + "/metrics").text
+                assert 'fisherguard_model_ready{model="mnist"} 1.0' in httpx.get(url + "/metrics").text
                 assert run(docker, "exec", name, "id", "-u").stdout.strip() == "10001"
                 assert "libjemalloc" in run(docker, "exec", name, "cat", "/proc/1/maps").stdout  # serve re-executed under it
             assert _health(docker, name) == "healthy", run(docker, "logs", name, check=False).stderr[-2000:]
@@ -197,7 +197,7 @@ def test_docker_stop_drains_a_request_in_flight_and_exits_0(docker: str, image: 
         )
         t.start()
         deadline = time.monotonic() + 0.8  # queued: the batch waits 1 s (the most max_delay_ms allows) for company
-        while "fisherguard_queue_depth_images 1.0" not in httpx.get(url + "/metrics").text and time.monotonic() < deadline:
+        while 'fisherguard_queue_depth_images{model="mnist"} 1.0' not in httpx.get(url + "/metrics").text and time.monotonic() < deadline:
             time.sleep(0.02)
         run(docker, "stop", "-t", "30", "fg-image-stop", timeout=60)
         t.join(timeout=60)

@@ -287,7 +287,7 @@ def test_a_full_queue_refuses_infer_before_the_body_is_read() -> None:
         async def scenario() -> tuple[int, bytes, float]:
             tasks = await _busy(base, app, model, 3)
             t0 = time.monotonic()
-            s = _raw(host, int(port), _head(10_000_000, "application/json").replace(b"/v1/detect", b"/v2/models/anything/infer"))
+            s = _raw(host, int(port), _head(10_000_000, "application/json").replace(b"/v1/detect", b"/v2/models/probe/infer"))
             status, data = await asyncio.to_thread(_read_status, s)
             elapsed = time.monotonic() - t0
             s.close()
@@ -299,4 +299,4 @@ def test_a_full_queue_refuses_infer_before_the_body_is_read() -> None:
     body = json.loads(data.split(b"\r\n\r\n", 1)[1])
     assert status == 503 and b"retry-after: 1" in data.lower() and body["code"] == "overloaded" and isinstance(body["error"], str)
     assert elapsed < 0.5
-    assert 'route="/v2/models/{model_name}/infer",status="503"' in metrics and "anything" not in metrics
+    assert 'route="/v2/models/{model_name}/infer",status="503"' in metrics and 'route="/v2/models/probe/infer"' not in metrics

@@ -5,7 +5,7 @@ import argparse
 
 def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     s = sub.add_parser("serve", help="run the HTTP service")
-    s.add_argument("--model", help="bundle name (mnist, cifar10) or directory; default mnist")
+    s.add_argument("--model", action="append", help="bundle name (mnist, cifar10) or directory; repeat to serve several; default mnist")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -24,7 +24,10 @@ def run(a: argparse.Namespace) -> int:
     from service.serve.settings import Settings
 
     fields = set(Settings.model_fields)
-    settings = Settings(**{k: v for k, v in vars(a).items() if k in fields and v is not None})
+    given = {k: v for k, v in vars(a).items() if k in fields and v is not None}
+    if "model" in given:
+        given["model"] = ",".join(given["model"])  # --model a --model b: the setting's comma list
+    settings = Settings(**given)
     allocator.ensure(settings.allocator)  # before torch is imported: may re-execute this command
     from service.serve.server import run as serve
 

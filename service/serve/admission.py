@@ -14,20 +14,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.serve.errors import ServiceError, error_body
 from service.serve.state import State
 
-QUEUEING = ("/v1/detect",)  # POST routes whose images go through the batcher; and the protocol's infer
-INFER = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+DETECT = re.compile(r"^/v1/(?:models/(?P<model>[^/]+)/)?detect$")  # POST routes whose images go through a batcher
+INFER = re.compile(r"^/v2/models/(?P<model>[^/]+)(?P<versions>/versions/[^/]+)?/infer$")
 
 
-def queues_images(scope: Scope) -> bool:
-    return scope["type"] == "http" and scope["method"] == "POST" and (scope["path"] in QUEUEING or INFER.match(scope["path"]) is not None)
+def queued_model(scope: Scope) -> tuple[bool, str | None]:
+    """Whether the request queues images, and the model it names (None: the default)."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return False, None
+    m = DETECT.match(scope["path"]) or INFER.match(scope["path"])
+    return (m is not None), (m.group("model") if m else None)
 
 
 def route_template(path: str) -> str:
     """The route label of a refused request: the template, never the client's model name (bounded labels)."""
-    m = INFER.match(path)
-    if m is None:
-        return path
-    return "/v2/models/{model_name}/versions/{model_version}/infer" if m.group(1) else "/v2/models/{model_name}/infer"
+    if m := INFER.match(path):
+        return "/v2/models/{model_name}/versions/{model_version}/infer" if m.group("versions") else "/v2/models/{model_name}/infer"
+    if (m := DETECT.match(path)) and m.group("model"):
+        return "/v1/models/{model_name}/detect"
+    return path
 
 
 class Admission:
@@ -35,18 +40,20 @@ class Admission:
         self.app, self.state = app, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not queues_images(scope):
+        queues, name = queued_model(scope)
+        state = self.state()
+        if not queues or (name is not None and name not in state.models):  # the route answers 404 for a model not served
             await self.app(scope, receive, send)
             return
-        state = self.state()
         held = None
         try:
             state.check_ready()
-            assert state.batcher is not None
-            held = state.batcher.reserve(1)
+            b = state.model(name).batcher
+            held = b.reserve(1)
             if held is None:
-                b = state.batcher
-                raise ServiceError(503, "overloaded", f"queue holds {b.occupied} of {b.max_queue} images", retry_after=1)
+                raise ServiceError(
+                    503, "overloaded", f"queue of {name or 'the default model'} holds {b.occupied} of {b.max_queue} images", retry_after=1
+                )
         except ServiceError as e:
             state.metrics.errors.labels(e.code).inc()
             scope["route"] = SimpleNamespace(path=route_template(scope["path"]))  # the route label of the request metrics

@@ -18,8 +18,8 @@ from service.serve.settings import Settings
 from service.serve.state import State
 
 
-def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
-    """The service app. Pass a loaded bundle to skip loading by name (tests)."""
+def create_app(settings: Settings | None = None, bundle: Bundle | list[Bundle] | None = None) -> FastAPI:
+    """The service app. Pass loaded bundles to skip loading by name (tests); the first is the default."""
     settings = settings or Settings()
     metrics = Metrics()
     app = FastAPI(

@@ -21,7 +21,7 @@ import torch
 
 from service.serve.detector import Outcome
 from service.serve.errors import ServiceError
-from service.serve.metrics import Metrics
+from service.serve.metrics import ModelMetrics
 
 RunBatch = Callable[[torch.Tensor, Sequence[str], Sequence[str]], list[Outcome]]
 
@@ -73,7 +73,7 @@ def lower_priority(nice: int) -> None:
 
 class Batcher:
     def __init__(
-        self, run_batch: RunBatch, max_batch: int, max_delay_s: float, max_queue: int, metrics: Metrics, engine_nice: int = 0
+        self, run_batch: RunBatch, max_batch: int, max_delay_s: float, max_queue: int, metrics: ModelMetrics, engine_nice: int = 0
     ) -> None:
         self.run_batch, self.max_batch, self.max_delay_s, self.max_queue = run_batch, max_batch, max_delay_s, max_queue
         self.metrics = metrics

@@ -16,7 +16,7 @@ from service.fisher import HEATMAPS
 from service.serve.batcher import Job, Reservation
 from service.serve.detector import ImageResult, Outcome
 from service.serve.errors import ServiceError, bad_request
-from service.serve.state import State
+from service.serve.state import Served, State
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,11 @@ def names(raw: str | None, known: dict[str, Any] | tuple[str, ...], what: str, d
     return picked
 
 
-def ask(state: State, scores: str | None, heatmaps: str | None, alpha: float | None, timeout_ms: float | None, t0: float) -> Ask:
-    """Validates a request's query against the bundle, the settings and the calibration."""
-    bundle, s = state.bundle, state.settings
+def ask(
+    state: State, served: Served, scores: str | None, heatmaps: str | None, alpha: float | None, timeout_ms: float | None, t0: float
+) -> Ask:
+    """Validates a request's query against the model's bundle, the settings and the calibration."""
+    bundle, s = served.bundle, state.settings
     assert bundle is not None and bundle.calibration is not None
     shown = tuple(dict.fromkeys((*names(scores, bundle.scores, "scores", DEFAULT), *bundle.calibration.decision_scores)))
     maps = names(heatmaps, HEATMAPS, "heatmaps", ())
@@ -70,12 +72,12 @@ def ask(state: State, scores: str | None, heatmaps: str | None, alpha: float | N
 
 
 async def run(
-    state: State, request: Request, images: list[torch.Tensor | ServiceError], spec: Ask, held: Reservation
+    served: Served, request: Request, images: list[torch.Tensor | ServiceError], spec: Ask, held: Reservation
 ) -> tuple[list[Outcome], list[Job]]:
-    """Queues the decoded images into the room held for them, waits for them, and returns one outcome per slot."""
-    assert state.batcher is not None
+    """Queues the decoded images into the room held for them on the model's batcher, waits for them, and
+    returns one outcome per slot."""
     good = [x for x in images if isinstance(x, torch.Tensor)]
-    jobs = state.batcher.submit(good, frozenset(spec.scores), frozenset(spec.heatmaps), spec.deadline, held)
+    jobs = served.batcher.submit(good, frozenset(spec.scores), frozenset(spec.heatmaps), spec.deadline, held)
     await _await_jobs(request, jobs, spec.deadline)
     done = iter(j.future.result() for j in jobs)
     return [next(done) if isinstance(x, torch.Tensor) else x for x in images], jobs
@@ -106,17 +108,17 @@ async def _await_jobs(request: Request, jobs: list[Job], deadline: float) -> Non
         gone.cancel()
 
 
-def judge(state: State, result: ImageResult, spec: Ask) -> Judged:
-    """The decision for one scored image, counted in the metrics; details withheld when configured."""
-    assert state.bundle is not None and state.bundle.calibration is not None
-    cal = state.bundle.calibration
+def judge(state: State, served: Served, result: ImageResult, spec: Ask) -> Judged:
+    """The decision for one scored image, counted in the model's metrics; details withheld when configured."""
+    assert served.bundle.calibration is not None
+    cal = served.bundle.calibration
     t = thresholded_all(result.scores)
     verdict = decision.decide(cal, {k: t[k].reshape(1) for k in cal.decision_scores}, spec.alpha, np.array([result.predicted]))
     p, flagged = float(verdict.p_value[0]), bool(verdict.flagged[0])
     statistic = float(cal.decision_statistic({k: t[k].reshape(1) for k in cal.decision_scores})[0])
-    state.metrics.p_value.observe(p)
+    served.metrics.p_value.observe(p)
     if flagged:
-        state.metrics.flagged.inc()
+        served.metrics.flagged.inc()
     shown = {k: result.scores[k] for k in spec.scores}
     pv = {k: float(np.asarray(v)) for k, v in decision.score_p_values(cal, {k: t[k] for k in spec.scores}).items()}
     if not state.settings.expose_details:  # gradient information helps an adaptive attacker

@@ -16,8 +16,9 @@ from service.serve import allocator
 from service.serve.batcher import Batcher
 from service.serve.detector import Detector
 from service.serve.errors import ServiceError
+from service.serve.metrics import ModelMetrics
 from service.serve.settings import Settings
-from service.serve.state import State
+from service.serve.state import Served, State
 
 log = logging.getLogger("fisherguard")
 
@@ -31,43 +32,61 @@ def warm_up(detector: Detector, bundle: Bundle) -> None:
         raise RuntimeError(f"warm-up failed: {bad[0]}")
 
 
-def load(settings: Settings, device: str, bundle: Bundle | None) -> Bundle:
-    """The given bundle moved to the device, or the one the settings name; it must be calibrated."""
-    if bundle is not None:
-        bundle.model.to(device)
-    loaded = bundle or load_bundle(settings.model, device)
-    if loaded.calibration is None:
-        raise RuntimeError(f"bundle {loaded.path} has no calibration.json; run `fisherguard calibrate --model {loaded.path}`")
-    return loaded
+def load(spec: str, device: str) -> Bundle:
+    """The bundle a `model` setting names, on the device; it must be calibrated."""
+    return calibrated(load_bundle(spec, device))
 
 
-def lifespan_for(settings: Settings, bundle: Bundle | None) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+def calibrated(bundle: Bundle) -> Bundle:
+    if bundle.calibration is None:
+        raise RuntimeError(f"bundle {bundle.path} has no calibration.json; run `fisherguard calibrate --model {bundle.path}`")
+    return bundle
+
+
+def bundles(settings: Settings, device: str, given: Bundle | list[Bundle] | None) -> list[Bundle]:
+    """The bundles to serve: the given ones moved to the device, or those `settings.model` names
+    (comma-separated); names must differ, since routes and metrics address models by name."""
+    if given is not None:
+        out = [calibrated(b) for b in (given if isinstance(given, list) else [given])]
+        for b in out:
+            b.model.to(device)
+    else:
+        out = [load(spec, device) for spec in settings.models()]
+    names = [b.name for b in out]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"two served bundles share a name: {names}; each model needs its own")
+    return out
+
+
+def serve_one(state: State, bundle: Bundle) -> Served:
+    s = state.settings
+    metrics = ModelMetrics(state.metrics, bundle.name)
+    detector = Detector(bundle)
+    batcher = Batcher(detector.run, s.max_batch_size, s.max_delay_ms / 1000, s.max_queue_images, metrics, s.engine_nice)
+    return Served(bundle, batcher, metrics, detector)
+
+
+def lifespan_for(settings: Settings, bundle: Bundle | list[Bundle] | None) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: State = app.state.fg
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         state.device = pick_device(settings.device)
-        state.bundle = load(settings, state.device, bundle)
-        detector = Detector(state.bundle)
-        state.batcher = Batcher(
-            detector.run,
-            settings.max_batch_size,
-            settings.max_delay_ms / 1000,
-            settings.max_queue_images,
-            state.metrics,
-            settings.engine_nice,
-        )
-        await asyncio.get_running_loop().run_in_executor(state.batcher.executor, warm_up, detector, state.bundle)  # on the engine's thread
-        state.warmed = True
-        state.metrics.model.info({"name": state.bundle.name, "version": str(state.bundle.card["version"]), "device": state.device})
+        for b in bundles(settings, state.device, bundle):
+            served = state.models[b.name] = serve_one(state, b)
+            await asyncio.get_running_loop().run_in_executor(served.batcher.executor, warm_up, served.detector, b)  # on its engine thread
+            served.warmed = True
+            served.metrics.info.info({"name": b.name, "version": str(b.card["version"]), "device": state.device})
         gc.freeze()  # what start-up built lives for the process: keep it out of every later collection (whole-heap pauses of ~100 ms)
-        state.batcher.start()
-        log.info("serving %s on %s, allocator %s", state.bundle.name, state.device, allocator.in_use())
+        for served in state.models.values():
+            served.batcher.start()
+        log.info("serving %s on %s, allocator %s", ", ".join(state.models), state.device, allocator.in_use())
         try:
             yield
         finally:
-            state.metrics.ready.set(0)
-            await state.batcher.stop(settings.request_timeout_ms / 1000)
+            for served in state.models.values():
+                served.metrics.ready.set(0)
+            await asyncio.gather(*(m.batcher.stop(settings.request_timeout_ms / 1000) for m in state.models.values()))
 
     return lifespan

@@ -21,27 +21,53 @@ class Metrics:
             "fisherguard_request_duration_seconds", "HTTP request duration", ["route"], buckets=LATENCY, registry=r
         )
         self.errors = Counter("fisherguard_errors", "Error responses and failed image slots by machine code", ["code"], registry=r)
+        # per served model: a `model` label, bounded by the configured set (ModelMetrics binds it)
         self.images = Counter(
-            "fisherguard_images_scored", "Images that went through the Fisher engine, by outcome", ["outcome"], registry=r
+            "fisherguard_images_scored", "Images that went through the Fisher engine, by outcome", ["model", "outcome"], registry=r
         )
-        self.flagged = Counter("fisherguard_images_flagged", "Images flagged as likely adversarial", registry=r)
-        self.batches = Counter("fisherguard_batches", "Batches run by the engine", registry=r)
-        self.batch_size = Histogram("fisherguard_batch_size_images", "Images per engine batch", buckets=BATCH, registry=r)
-        self.queue_depth = Gauge("fisherguard_queue_depth_images", "Images waiting in the batching queue", registry=r)
+        self.flagged = Counter("fisherguard_images_flagged", "Images flagged as likely adversarial", ["model"], registry=r)
+        self.batches = Counter("fisherguard_batches", "Batches run by the engine", ["model"], registry=r)
+        self.batch_size = Histogram("fisherguard_batch_size_images", "Images per engine batch", ["model"], buckets=BATCH, registry=r)
+        self.queue_depth = Gauge("fisherguard_queue_depth_images", "Images waiting in the batching queue", ["model"], registry=r)
         self.queue_wait = Histogram(
-            "fisherguard_queue_wait_seconds", "Time an image waited before its batch started", buckets=LATENCY, registry=r
+            "fisherguard_queue_wait_seconds", "Time an image waited before its batch started", ["model"], buckets=LATENCY, registry=r
         )
-        self.compute_seconds = Histogram("fisherguard_compute_seconds", "Engine time per batch", buckets=LATENCY, registry=r)
-        self.dropped = Counter("fisherguard_images_dropped", "Queued images dropped before compute, by reason", ["reason"], registry=r)
+        self.compute_seconds = Histogram("fisherguard_compute_seconds", "Engine time per batch", ["model"], buckets=LATENCY, registry=r)
+        self.dropped = Counter(
+            "fisherguard_images_dropped", "Queued images dropped before compute, by reason", ["model", "reason"], registry=r
+        )
         self.p_value = Histogram(
             "fisherguard_decision_p_value",
             "Conformal p-value of the decision statistic (flat under clean traffic)",
+            ["model"],
             buckets=P_VALUE,
             registry=r,
         )
-        self.model = Info("fisherguard_model", "The served model", registry=r)
-        self.ready = Gauge("fisherguard_model_ready", "1 when the model is loaded, warmed up and the batcher runs", registry=r)
+        self.model = Info("fisherguard_model", "The served models", ["model"], registry=r)
+        self.ready = Gauge("fisherguard_model_ready", "1 when the model is loaded, warmed up and its batcher runs", ["model"], registry=r)
         self.gpu_memory = Gauge("fisherguard_gpu_memory_allocated_bytes", "GPU memory allocated by torch", registry=r)
+
+
+class _Bound:
+    """A labelled metric with its leading `model` label already given."""
+
+    def __init__(self, metric: Counter, model: str) -> None:
+        self.metric, self.model = metric, model
+
+    def labels(self, *values: str) -> Counter:
+        return self.metric.labels(self.model, *values)
+
+
+class ModelMetrics:
+    """One served model's series of `Metrics` (what its batcher and its verdicts count)."""
+
+    def __init__(self, m: Metrics, model: str) -> None:
+        self.name = model
+        self.images, self.dropped = _Bound(m.images, model), _Bound(m.dropped, model)
+        self.flagged, self.batches = m.flagged.labels(model), m.batches.labels(model)
+        self.batch_size, self.queue_depth = m.batch_size.labels(model), m.queue_depth.labels(model)
+        self.queue_wait, self.compute_seconds = m.queue_wait.labels(model), m.compute_seconds.labels(model)
+        self.p_value, self.info, self.ready = m.p_value.labels(model), m.model.labels(model), m.ready.labels(model)
 
 
 class RequestMetrics:

@@ -63,6 +63,7 @@ class DetectResponse(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 403, 413, 415, 422, 503)}
+ERRORS_404: dict[int | str, dict[str, Any]] = {**ERRORS, 404: {"model": ErrorResponse}}  # routes that name a model
 IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,

@@ -53,8 +53,8 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         end = time.monotonic() + self.drain_timeout_s
-        batcher = self.state.batcher
-        while time.monotonic() < end and (self.state.inflight > 0 or (batcher is not None and batcher.queue)):
+        queued = lambda: any(m.batcher.queue for m in self.state.models.values())  # noqa: E731
+        while time.monotonic() < end and (self.state.inflight > 0 or queued()):
             await asyncio.sleep(0.02)
         log.info("drained (%d requests still in flight); shutting down", self.state.inflight)
         self.should_exit = True

@@ -13,7 +13,7 @@ from service.serve.allocator import Allocator
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FISHERGUARD_", extra="forbid")
 
-    model: str = Field("mnist", description="shipped bundle name or bundle directory")
+    model: str = Field("mnist", description="shipped bundle name or bundle directory; several, comma-separated (the first is the default)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     address_file: Path = Field(
         Path("/tmp/fisherguard-address.json"), description="where serve writes the address it bound, for the health probe"
     )
+
+    def models(self) -> list[str]:
+        """The bundles to serve, in order: names or directories."""
+        specs = [m.strip() for m in self.model.split(",") if m.strip()]
+        if not specs:
+            raise ValueError(f"model {self.model!r} names no bundle")
+        return specs
 
     def keys(self) -> list[str]:
         """The configured API keys (empty: no authentication)."""

@@ -19,6 +19,7 @@ async def metrics(state: StateDep) -> Response:
     """Prometheus text format."""
     if torch.cuda.is_available() and state.device.startswith("cuda"):
         state.metrics.gpu_memory.set(torch.cuda.memory_allocated())
-    state.metrics.queue_depth.set(len(state.batcher.queue) if state.batcher else 0)
-    state.metrics.ready.set(1 if state.ready else 0)
+    for m in state.models.values():
+        m.metrics.queue_depth.set(len(m.batcher.queue))
+        m.metrics.ready.set(1 if m.ready and not state.closing else 0)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,4 @@
-"""GET /v1/model and the clean calibration distributions (docs/api.md#model)."""
+"""GET /v1/models, each model's card and the clean calibration distributions (docs/api.md#model)."""
 
 from typing import Any
 
@@ -9,25 +9,48 @@ from service.fisher import HEATMAPS
 from service.serve.errors import ServiceError
 from service.serve.gallery import gallery_urls
 from service.serve.schemas import ErrorResponse
-from service.serve.state import StateDep
+from service.serve.state import State, StateDep
 
 router = APIRouter()
 
 
-@router.get("/v1/model", responses={503: {"model": ErrorResponse}})
-async def model_info(state: StateDep) -> dict[str, Any]:
-    if state.bundle is None:
-        raise ServiceError(503, "not_ready", "no model is loaded yet", retry_after=1)
-    s = state.settings
-    cal = state.bundle.calibration
+@router.get("/v1/models", responses={503: {"model": ErrorResponse}})
+async def models(state: StateDep) -> dict[str, Any]:
+    """The served models, the default first."""
+    state.model()  # 503 before any is loaded
     return {
-        "card": state.bundle.card,
+        "default": state.model().name,
+        "models": [
+            {"name": m.name, "version": str(m.bundle.card["version"]), "ready": m.ready, "url": f"/v1/models/{m.name}"}
+            for m in state.models.values()
+        ],
+    }
+
+
+@router.get("/v1/model", responses={503: {"model": ErrorResponse}})
+async def default_model_info(state: StateDep) -> dict[str, Any]:
+    """The default model's card, calibration, scores, heatmaps, gallery and the service's limits."""
+    return model_info(state, None)
+
+
+@router.get("/v1/models/{model_name}", responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+async def named_model_info(state: StateDep, model_name: str) -> dict[str, Any]:
+    """The named model's card, calibration, scores, heatmaps, gallery and the service's limits."""
+    return model_info(state, model_name)
+
+
+def model_info(state: State, model_name: str | None) -> dict[str, Any]:
+    bundle = state.model(model_name).bundle
+    s = state.settings
+    cal = bundle.calibration
+    return {
+        "card": bundle.card,
         "device": state.device,
         "calibration": cal.summary() if cal else None,
-        "scores": {k: {"direction": v.direction, "log10": v.log} for k, v in state.bundle.scores.items()},
+        "scores": {k: {"direction": v.direction, "log10": v.log} for k, v in bundle.scores.items()},
         "default_scores": list(dict.fromkeys((*DEFAULT, *cal.decision_scores))) if cal else list(DEFAULT),
         "heatmaps": list(HEATMAPS),
-        "examples": gallery_urls(state.bundle.name),
+        "examples": gallery_urls(bundle.name),
         "batching": {
             "max_batch_size": s.max_batch_size,
             "max_delay_ms": s.max_delay_ms,
@@ -42,10 +65,20 @@ async def model_info(state: StateDep) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/model/calibration/{score}", responses={404: {"model": ErrorResponse}})
-async def calibration_values(state: StateDep, score: str) -> dict[str, Any]:
-    """The clean calibration distribution of one score (thresholded form), for plots."""
-    cal = state.bundle.calibration if state.bundle else None
+@router.get("/v1/model/calibration/{score}", responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+async def default_calibration_values(state: StateDep, score: str) -> dict[str, Any]:
+    """The default model's clean calibration distribution of one score (thresholded form), for plots."""
+    return calibration_values(state, None, score)
+
+
+@router.get("/v1/models/{model_name}/calibration/{score}", responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+async def named_calibration_values(state: StateDep, model_name: str, score: str) -> dict[str, Any]:
+    """The named model's clean calibration distribution of one score."""
+    return calibration_values(state, model_name, score)
+
+
+def calibration_values(state: State, model_name: str | None, score: str) -> dict[str, Any]:
+    cal = state.model(model_name).bundle.calibration
     if cal is None or score not in cal.values:
         raise ServiceError(404, "not_found", f"no calibration values for score {score!r}")
     spec = SCORES[score]

@@ -16,7 +16,7 @@ from service.serve.batcher import Reservation
 from service.serve.errors import ServiceError, bad_request
 from service.serve.oip import Tensor
 from service.serve.schemas import OIP_BOOLEAN, OIP_ERRORS, OIP_INFER, OIP_INFERRED, OipModelMetadata, OipServerMetadata
-from service.serve.state import State, StateDep
+from service.serve.state import Served, State, StateDep
 from service.serve.uploads import decode_all, read_body
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
@@ -31,16 +31,12 @@ IMAGES, PIXELS = "images", "pixels"
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 
 
-def _model(state: State, name: str, version: str | None) -> Bundle:
-    """The served bundle named `name` (at `version`, when given), else 404 naming what is served."""
-    bundle = state.bundle
-    if bundle is None:
-        raise ServiceError(503, "not_ready", "no model is loaded yet", retry_after=1)
-    if name != bundle.name:
-        raise ServiceError(404, "not_found", f"unknown model {name!r}; this server serves {[bundle.name]}")
-    if version is not None and version != str(bundle.card["version"]):
-        raise ServiceError(404, "not_found", f"model {name!r} has no version {version!r}; it serves {[str(bundle.card['version'])]}")
-    return bundle
+def _model(state: State, name: str, version: str | None) -> Served:
+    """The served model named `name` (at `version`, when given), else 404 naming what is served."""
+    served = state.model(name)
+    if version is not None and version != str(served.bundle.card["version"]):
+        raise ServiceError(404, "not_found", f"model {name!r} has no version {version!r}; it serves {[str(served.bundle.card['version'])]}")
+    return served
 
 
 def metadata(state: State, bundle: Bundle) -> dict[str, Any]:
@@ -80,16 +76,27 @@ async def server_metadata() -> dict[str, Any]:
 
 
 @router.get("/models/{model_name}", response_model=OipModelMetadata, responses=OIP_ERRORS)
+async def model_metadata(state: StateDep, model_name: str) -> dict[str, Any]:
+    return metadata(state, _model(state, model_name, None).bundle)
+
+
 @router.get("/models/{model_name}/versions/{model_version}", response_model=OipModelMetadata, responses=OIP_ERRORS)
-async def model_metadata(state: StateDep, model_name: str, model_version: str | None = None) -> dict[str, Any]:
-    return metadata(state, _model(state, model_name, model_version))
+async def version_metadata(state: StateDep, model_name: str, model_version: str) -> dict[str, Any]:
+    return metadata(state, _model(state, model_name, model_version).bundle)
 
 
 @router.get("/models/{model_name}/ready", response_class=Response, responses=OIP_BOOLEAN | OIP_ERRORS)
+async def model_ready(state: StateDep, model_name: str) -> Response:
+    return _ready(state, _model(state, model_name, None))
+
+
 @router.get("/models/{model_name}/versions/{model_version}/ready", response_class=Response, responses=OIP_BOOLEAN | OIP_ERRORS)
-async def model_ready(state: StateDep, model_name: str, model_version: str | None = None) -> Response:
-    _model(state, model_name, model_version)
-    return Response(status_code=200 if state.ready else 400)
+async def version_ready(state: StateDep, model_name: str, model_version: str) -> Response:
+    return _ready(state, _model(state, model_name, model_version))
+
+
+def _ready(state: State, served: Served) -> Response:
+    return Response(status_code=200 if served.ready and not state.closing else 400)
 
 
 def _alpha(parameters: dict[str, Any]) -> float | None:
@@ -169,10 +176,19 @@ def _column(name: str, datatype: str, values: list[Any]) -> Tensor:
 
 
 @router.post("/models/{model_name}/infer", responses=OIP_INFERRED, openapi_extra=OIP_INFER)
+async def infer(request: Request, state: StateDep, model_name: str) -> Response:
+    return await _infer(request, state, model_name, None)
+
+
 @router.post("/models/{model_name}/versions/{model_version}/infer", responses=OIP_INFERRED, openapi_extra=OIP_INFER)
-async def infer(request: Request, state: StateDep, model_name: str, model_version: str | None = None) -> Response:
+async def infer_version(request: Request, state: StateDep, model_name: str, model_version: str) -> Response:
+    return await _infer(request, state, model_name, model_version)
+
+
+async def _infer(request: Request, state: State, model_name: str, model_version: str | None) -> Response:
     t0 = time.monotonic()
-    bundle = _model(state, model_name, model_version)
+    served = _model(state, model_name, model_version)
+    bundle = served.bundle
     state.check_ready()
     held: Reservation = request.state.reservation  # admitted with room for one image (serve/admission.py)
     body = await read_body(request, state.settings.max_body_bytes)
@@ -181,14 +197,14 @@ async def infer(request: Request, state: StateDep, model_name: str, model_versio
         raise bad_request(f"send exactly one input ({IMAGES!r} or {PIXELS!r}), got {[t.name for t in req.inputs]}")
     wanted = _outputs(req, state, bundle)
     scores = ",".join(o.name for o in wanted if o.name in bundle.scores) or None
-    spec = handler.ask(state, scores, None, _alpha(req.parameters), _timeout_ms(req.parameters), t0)
+    spec = handler.ask(state, served, scores, None, _alpha(req.parameters), _timeout_ms(req.parameters), t0)
     images = await _images(req.inputs[0], state, bundle)
-    outcomes, _ = await handler.run(state, request, list(images), spec, held)
+    outcomes, _ = await handler.run(served, request, list(images), spec, held)
     judged = []
     for i, o in enumerate(outcomes):
         if isinstance(o, ServiceError):
             raise ServiceError(o.status, o.code, f"image {i}: {o.message}", o.retry_after)
-        judged.append(handler.judge(state, o, spec))
+        judged.append(handler.judge(state, served, o, spec))
     columns: dict[str, tuple[str, list[Any]]] = {
         "predicted_class": ("INT64", [j.result.predicted for j in judged]),
         "is_adversarial": ("BOOL", [j.flagged for j in judged]),
