@@ -1,5 +1,5 @@
 """The Open Inference Protocol (docs/oip.md) spoken by a client nobody here wrote: tritonclient's HTTP
-client against real `fisherguard serve` processes on loopback, both bundles, both input forms, with
+client against a real `fisherguard serve` of both bundles on loopback, both input forms, with
 the same verdicts as /v1/detect; the wire format's edge cases; the protocol's response schemas."""
 
 import asyncio
@@ -92,27 +92,22 @@ def _png(x: torch.Tensor) -> bytes:
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, str]]:
-    """`fisherguard serve` for each bundle, started together."""
-    procs, bases = [], {}
+    """One `fisherguard serve --model mnist --model cifar10`: both bundles behind one address."""
     env = {**os.environ, "FISHERGUARD_LOG_LEVEL": "warning"}
-    for model in ("mnist", "cifar10"):
-        port = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", str(port)], env=env))
-        bases[model] = f"127.0.0.1:{port}"
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", "mnist", "--model", "cifar10", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env)
     try:
-        for base in bases.values():
-            wait_ready("http://" + base, 180)
-        yield bases
+        wait_ready(f"http://127.0.0.1:{port}", 180)
+        yield {"mnist": f"127.0.0.1:{port}", "cifar10": f"127.0.0.1:{port}"}
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=60)
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
-def _v1(base: str, pngs: list[bytes]) -> list[dict[str, Any]]:
+def _v1(base: str, model: str, pngs: list[bytes]) -> list[dict[str, Any]]:
     files = [("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)]
-    r = httpx.post(f"http://{base}/v1/detect", files=files, timeout=60)
+    r = httpx.post(f"http://{base}/v1/models/{model}/detect", files=files, timeout=60)
     assert r.status_code == 200, r.text
     return list(r.json()["results"])
 
@@ -131,7 +126,7 @@ def test_tritonclient_gets_the_v1_verdicts_for_both_input_forms(servers: dict[st
 
     x = _images(model)
     pngs = [_png(img) for img in x]
-    v1 = _v1(servers[model], pngs)
+    v1 = _v1(servers[model], model, pngs)
 
     by_bytes = tritonclient.InferInput("images", [len(pngs)], "BYTES")
     by_bytes.set_data_from_numpy(np.array(pngs, dtype=np.object_))  # binary tensor data, tritonclient's default
@@ -155,7 +150,7 @@ def test_tritonclient_gets_the_v1_verdicts_for_both_input_forms(servers: dict[st
     assert [o["name"] for o in loose.get_response()["outputs"]] == ["p_value", score, "is_adversarial"]
     p = loose.as_numpy("p_value")
     assert loose.as_numpy("is_adversarial").tolist() == (p <= 0.5).tolist()
-    shown = _v1_scores(servers[model], pngs, score)
+    shown = _v1_scores(servers[model], model, pngs, score)
     np.testing.assert_allclose(loose.as_numpy(score), shown, rtol=1e-12)
 
     with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
@@ -165,9 +160,9 @@ def test_tritonclient_gets_the_v1_verdicts_for_both_input_forms(servers: dict[st
     client.close()
 
 
-def _v1_scores(base: str, pngs: list[bytes], score: str) -> list[float]:
+def _v1_scores(base: str, model: str, pngs: list[bytes], score: str) -> list[float]:
     files = [("file", (f"{i}.png", b, "image/png")) for i, b in enumerate(pngs)]
-    r = httpx.post(f"http://{base}/v1/detect", params={"scores": score}, files=files, timeout=60)
+    r = httpx.post(f"http://{base}/v1/models/{model}/detect", params={"scores": score}, files=files, timeout=60)
     return [x["scores"][score] for x in r.json()["results"]]
 
 

@@ -32,7 +32,7 @@ MARKER_RED = (
 
 
 @contextmanager
-def browser_on(bundle: Bundle) -> Iterator[tuple["Browser", str]]:
+def browser_on(bundle: Bundle | list[Bundle]) -> Iterator[tuple["Browser", str]]:
     from playwright.sync_api import sync_playwright
 
     chromium = need_tool("chromium", "chromium")
@@ -58,6 +58,7 @@ def test_upload_and_gallery_in_a_real_browser(mnist: Bundle) -> None:
         expect(page.locator("#model")).to_contain_text("mnist v1.0.0 on cpu")
         expect(page.locator("#model")).to_contain_text(f"calibrated on {correct} clean images")
         expect(page.locator("#model")).to_contain_text(f"calibrated on n = {cal.n} of them held apart")
+        expect(page.locator("#picker")).to_be_hidden()  # one model: nothing to pick
         page.set_input_files("#file", str(EXAMPLES / "01-clean.png"))
         expect(page.locator("#sentence")).to_contain_text("Not flagged")
         expect(page.locator("#sentence")).to_contain_text("Predicted 3")
@@ -117,8 +118,9 @@ def test_keyboard_only_on_a_narrow_screen(mnist: Bundle) -> None:
 
 
 @pytest.mark.slow
-def test_cifar10_gallery(cifar10: Bundle) -> None:
-    """The CIFAR-10 gallery: each PGD image gets the verdict it had when `fisherguard examples` made it."""
+def test_cifar10_gallery_picked_beside_mnist(mnist: Bundle, cifar10: Bundle) -> None:
+    """Both bundles in one server; the page's picker switches to CIFAR-10, whose gallery images then get
+    the verdicts they had when `fisherguard examples` made them."""
     import json
 
     from playwright.sync_api import expect
@@ -127,9 +129,12 @@ def test_cifar10_gallery(cifar10: Bundle) -> None:
     clean, pgd = entries[0], entries[1]
     assert clean["kind"] == "clean" and pgd["kind"] == "pgd" and clean["true_label"] == pgd["true_label"]
     label = clean["true_label"]
-    with browser_on(cifar10) as (browser, base):
+    with browser_on([mnist, cifar10]) as (browser, base):
         page = browser.new_page(viewport={"width": 900, "height": 900})
         page.goto(base + "/")
+        expect(page.locator("#model")).to_contain_text("mnist v1.0.0 on cpu")  # the default: the first
+        expect(page.locator("#picker")).to_be_visible()
+        page.get_by_label("Model").select_option("cifar10")
         expect(page.locator("#model")).to_contain_text(f"cifar10 v{cifar10.card['version']} on cpu")
         expect(page.locator("#gallery button")).to_have_count(len(entries))
         page.get_by_role("button", name=f"clean — true label {label}").click()

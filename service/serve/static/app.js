@@ -18,8 +18,33 @@ const FRIENDLY = {
 function showError(msg) { const e = $("error"); e.textContent = msg; e.hidden = !msg; }
 function auth() { const k = $("key").value.trim(); return k ? { authorization: "Bearer " + k } : {}; }
 
+let current = null;  // the model picked; null: the server's default (/v1/model, /v1/detect)
+const modelPath = () => (current ? `/v1/models/${encodeURIComponent(current)}` : "/v1/model");
+const detectPath = () => (current ? `${modelPath()}/detect` : "/v1/detect");
+
+async function loadModels() {  // the picker, shown when the server serves several models
+  const r = await fetch("/v1/models", { headers: auth() });
+  if (r.ok) {
+    const b = await r.json(), sel = $("models");
+    sel.innerHTML = "";
+    for (const m of b.models) { const o = document.createElement("option"); o.value = o.textContent = m.name; sel.appendChild(o); }
+    if (!b.models.some((m) => m.name === current)) current = b.default;
+    sel.value = current;
+    $("picker").hidden = b.models.length < 2;
+  }
+  await loadModel();
+}
+
+async function pickModel() {
+  current = $("models").value;
+  for (const k of Object.keys(calibration)) delete calibration[k];
+  result = null;
+  $("verdict").hidden = true;
+  await loadModel();
+}
+
 async function loadModel() {
-  const r = await fetch("/v1/model", { headers: auth() });
+  const r = await fetch(modelPath(), { headers: auth() });
   if (!r.ok) { $("model").textContent = "model not ready"; return; }
   const m = await r.json(), c = m.card, cal = m.calibration;
   info = m;
@@ -41,7 +66,7 @@ async function loadModel() {
 
 async function detect(file) {
   showError("");
-  const r = await fetch("/v1/detect?scores=all&heatmaps=fis,eigvec,fisher_diag,saliency", {
+  const r = await fetch(`${detectPath()}?scores=all&heatmaps=fis,eigvec,fisher_diag,saliency`, {
     method: "POST", headers: { "content-type": file.type || "application/octet-stream", ...auth() }, body: file });
   const body = await r.json();
   if (!r.ok) {
@@ -61,7 +86,7 @@ function colour(t, signed) {  // t in [0,1]; signed maps: blue-white-red, else b
 
 async function calibrationValues(score) {
   if (!(score in calibration)) {
-    const r = await fetch(`/v1/model/calibration/${score}`, { headers: auth() });
+    const r = await fetch(`${modelPath()}/calibration/${score}`, { headers: auth() });
     calibration[score] = r.ok ? (await r.json()).values : null;
   }
   return calibration[score];
@@ -174,5 +199,6 @@ drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.ad
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files[0]) detect(e.dataTransfer.files[0]); });
 window.addEventListener("paste", (e) => { const f = [...e.clipboardData.files][0]; if (f) detect(f); });
-$("key").addEventListener("change", loadModel);
-loadModel();
+$("key").addEventListener("change", loadModels);
+$("models").addEventListener("change", pickModel);
+loadModels();
