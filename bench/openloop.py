@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 class Result:
     status: int  # 0: the connection failed
     latency_s: float  # from the scheduled send time to the end of the response
+    scheduled: float = 0.0  # the scheduled send time, time.monotonic()
 
 
 class _Conn(asyncio.Protocol):
@@ -41,7 +42,7 @@ class _Conn(asyncio.Protocol):
             if len(rest) < length:
                 return
             self.buf = rest[length:]
-            self.pool.results.append(Result(int(head.split(b" ", 2)[1]), time.monotonic() - self.scheduled))
+            self.pool.results.append(Result(int(head.split(b" ", 2)[1]), time.monotonic() - self.scheduled, self.scheduled))
             self.scheduled = None
             if b"connection: close" in lines and self.transport is not None:
                 self.transport.close()
@@ -52,7 +53,7 @@ class _Conn(asyncio.Protocol):
         if self in self.pool.idle:
             self.pool.idle.remove(self)
         if self.scheduled is not None:
-            self.pool.results.append(Result(0, time.monotonic() - self.scheduled))
+            self.pool.results.append(Result(0, time.monotonic() - self.scheduled, self.scheduled))
             self.scheduled = None
 
 
@@ -87,7 +88,7 @@ async def run(host: str, port: int, request: bytes, rate: float, seconds: float,
         try:
             conn = await pool.open()
         except OSError:
-            pool.results.append(Result(0, time.monotonic() - scheduled))
+            pool.results.append(Result(0, time.monotonic() - scheduled, scheduled))
             return
         conn.send(request, scheduled)
 

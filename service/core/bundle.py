@@ -109,15 +109,21 @@ def read_card(root: Path) -> dict[str, Any]:
     return card
 
 
-def load_model(root: Path, card: dict[str, Any]) -> tuple[nn.Module, str]:
+def read_weights(root: Path, card: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+    """model.safetensors and its sha256, checked against the card's when it names one."""
     weights = root / "model.safetensors"
     if not weights.is_file():
         raise BundleError(f"bundle {root} has no model.safetensors (weights are only read from safetensors)")
     digest = sha256_file(weights)
     if card.get("weights_sha256") not in (None, digest):
         raise BundleError(f"model.safetensors has sha256 {digest}, card.json says {card['weights_sha256']}")
+    return load_file(str(weights)), digest
+
+
+def load_model(root: Path, card: dict[str, Any]) -> tuple[nn.Module, str]:
+    state, digest = read_weights(root, card)
     model = _factory(str(card["architecture"]), root)()
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.load_state_dict(state, strict=True)
     return model.eval(), digest
 
 
@@ -145,6 +151,32 @@ def load_bundle(name_or_path: str | Path, device: str | torch.device = "cpu") ->
         p.requires_grad_(True)
     return Bundle(
         root, card, model.to(device), digest, load_calibration(root, digest), load_mahalanobis(root, digest), load_detector(root, digest)
+    )
+
+
+RELOAD_FIXED = ("name", "architecture", "input")  # what a reload cannot change: routes, code and shapes depend on them
+
+
+def reload_bundle(served: Bundle, network: nn.Module) -> Bundle:
+    """The served bundle's directory read again — card, weights, calibration, Mahalanobis fit, learned
+    detector — into `network`, a copy of the served network: the architecture code imported at start
+    is reused, never imported anew. A card that changes name, architecture or input is refused."""
+    root = served.path
+    card = read_card(root)
+    changed = [k for k in RELOAD_FIXED if card[k] != served.card[k]]
+    if changed:
+        raise BundleError(
+            f"card.json of {root} changes {changed} ({[served.card[k] for k in changed]} -> {[card[k] for k in changed]}); only a restart serves another architecture"
+        )
+    state, digest = read_weights(root, card)
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"model.safetensors of {root} does not fit the served architecture: {e}") from None
+    for p in network.parameters():
+        p.requires_grad_(True)
+    return Bundle(
+        root, card, network.eval(), digest, load_calibration(root, digest), load_mahalanobis(root, digest), load_detector(root, digest)
     )
 
 

@@ -1,7 +1,8 @@
 """Admission (docs/architecture.md#admission): refuse before reading. A pure ASGI middleware that,
 for the routes that queue images, answers 503 from the queue's state before the body is read —
 no parsing, no decoding, nothing allocated per pixel — and otherwise holds room for the request's
-first image until its images are queued or the request ends."""
+first image on the named model's batcher until its images are queued or the request ends. The
+request then stays with that model version, even when a reload swaps in another meanwhile."""
 
 import asyncio
 import json
@@ -48,7 +49,8 @@ class Admission:
         held = None
         try:
             state.check_ready()
-            b = state.model(name).batcher
+            served = state.model(name)
+            b = served.batcher
             held = b.reserve(1)
             if held is None:
                 raise ServiceError(
@@ -60,7 +62,7 @@ class Admission:
             await refuse(send, e, scope["path"])
             await discard_body(receive)
             return
-        scope.setdefault("state", {})["reservation"] = held
+        scope.setdefault("state", {}).update(reservation=held, served=served)  # the version that scores it, even across a reload
         state.inflight += 1
         try:
             await self.app(scope, receive, send)

@@ -196,6 +196,14 @@ class Batcher:
             if not job.future.done():
                 job.future.set_result(outcome)
 
+    async def retire(self, timeout_s: float) -> None:
+        """After a reload swapped a new version in: the requests admitted here still bring their images
+        and get them scored by this version; once none is held or queued (or timeout_s passes), stops."""
+        end = time.monotonic() + timeout_s
+        while (self.reserved or self.queue) and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        await self.stop(max(0.0, end - time.monotonic()) + 1.0)
+
     async def stop(self, timeout_s: float) -> None:
         """Stops admitting; queued and running images finish within timeout_s, then the loop ends."""
         self.closing = True

@@ -71,6 +71,13 @@ def ask(
     return Ask(shown, maps, a, deadline)
 
 
+def admitted(request: Request, state: State, name: str | None) -> tuple[Served, Reservation]:
+    """The model version the admission reserved room on for this request, and that room
+    (serve/admission.py); 404 for a model that is not served."""
+    served = getattr(request.state, "served", None) or state.model(name)
+    return served, request.state.reservation
+
+
 async def run(
     served: Served, request: Request, images: list[torch.Tensor | ServiceError], spec: Ask, held: Reservation
 ) -> tuple[list[Outcome], list[Job]]:

@@ -87,6 +87,6 @@ def lifespan_for(settings: Settings, bundle: Bundle | list[Bundle] | None) -> Ca
         finally:
             for served in state.models.values():
                 served.metrics.ready.set(0)
-            await asyncio.gather(*(m.batcher.stop(settings.request_timeout_ms / 1000) for m in state.models.values()))
+            await asyncio.gather(*(m.batcher.stop(settings.request_timeout_ms / 1000) for m in state.models.values()), *state.retiring)
 
     return lifespan

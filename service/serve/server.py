@@ -14,6 +14,7 @@ import uvicorn
 
 from service.serve.access import configure_logging
 from service.serve.app import create_app
+from service.serve.reload import reload_all
 from service.serve.settings import Settings
 from service.serve.state import State
 
@@ -31,7 +32,15 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         self.loop = asyncio.get_running_loop()
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         await super().serve(sockets)
+
+    def reload(self) -> None:
+        """SIGHUP: reload every model from its bundle directory (docs/api.md#reload)."""
+        log.info("SIGHUP: reloading %s", ", ".join(self.state.models))
+        task = asyncio.ensure_future(reload_all(self.state))
+        self.state.retiring.add(task)
+        task.add_done_callback(self.state.retiring.discard)
 
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         """Binds, then writes the address actually bound to the health probe's address file."""

@@ -1,6 +1,8 @@
 """What the running service holds: settings, metrics, the served models (each a bundle and its
 batcher), and its phase."""
 
+import asyncio
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -23,6 +25,7 @@ class Served:
     metrics: ModelMetrics
     detector: Detector
     warmed: bool = False
+    loaded_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
 
     @property
     def name(self) -> str:
@@ -41,6 +44,8 @@ class State:
     device: str = "cpu"
     draining: bool = False  # SIGTERM seen: finish what was accepted, refuse the rest
     inflight: int = 0  # detect and infer requests being handled
+    reload_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    retiring: set["asyncio.Future[None]"] = field(default_factory=set)  # old versions' batchers finishing after a reload
 
     @property
     def default(self) -> Served | None:

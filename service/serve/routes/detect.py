@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 from service.fisher import HEATMAPS
 from service.serve import handler
 from service.serve import heatmaps as heatmap_png
-from service.serve.batcher import Reservation
 from service.serve.detector import Outcome
 from service.serve.errors import ServiceError
 from service.serve.schemas import ERRORS, ERRORS_404, IMAGE_BODY, DetectResponse
@@ -43,9 +42,8 @@ async def detect_with(request: Request, state: StateDep, model_name: str, q: Ann
 async def _detect(request: Request, state: State, model_name: str | None, q: DetectQuery) -> JSONResponse:
     heatmaps, scores, alpha, timeout_ms = q.heatmaps, q.scores, q.alpha, q.timeout_ms
     t0 = time.monotonic()
-    served = state.model(model_name)
+    served, held = handler.admitted(request, state, model_name)  # with room for its first image
     state.check_ready()
-    held: Reservation = request.state.reservation  # admitted with room for its first image (serve/admission.py)
     spec = handler.ask(state, served, scores, heatmaps, alpha, timeout_ms, t0)
     files = await uploads(request, state.settings)
     held.extend(len(files) - held.images)  # before decoding: a request the queue cannot take is refused now

@@ -1,4 +1,4 @@
-"""GET /v1/models, each model's card and the clean calibration distributions (docs/api.md#model)."""
+"""GET /v1/models, each model's card and the clean calibration distributions, and reload (docs/api.md#model)."""
 
 from typing import Any
 
@@ -8,6 +8,7 @@ from service.core.scores import DEFAULT, SCORES
 from service.fisher import HEATMAPS
 from service.serve.errors import ServiceError
 from service.serve.gallery import gallery_urls
+from service.serve.reload import reload
 from service.serve.schemas import ErrorResponse
 from service.serve.state import State, StateDep
 
@@ -40,11 +41,14 @@ async def named_model_info(state: StateDep, model_name: str) -> dict[str, Any]:
 
 
 def model_info(state: State, model_name: str | None) -> dict[str, Any]:
-    bundle = state.model(model_name).bundle
+    served = state.model(model_name)
+    bundle = served.bundle
     s = state.settings
     cal = bundle.calibration
     return {
         "card": bundle.card,
+        "weights_sha256": bundle.weights_sha256,
+        "loaded_at": served.loaded_at,
         "device": state.device,
         "calibration": cal.summary() if cal else None,
         "scores": {k: {"direction": v.direction, "log10": v.log} for k, v in bundle.scores.items()},
@@ -83,3 +87,24 @@ def calibration_values(state: State, model_name: str | None, score: str) -> dict
         raise ServiceError(404, "not_found", f"no calibration values for score {score!r}")
     spec = SCORES[score]
     return {"score": score, "direction": spec.direction, "log10": spec.log, "values": cal.values[score].tolist()}
+
+
+@router.post(
+    "/v1/models/{model_name}/reload",
+    responses={c: {"model": ErrorResponse} for c in (401, 403, 404, 422, 503)},
+)
+async def reload_model(state: StateDep, model_name: str) -> dict[str, Any]:
+    """Loads the model's bundle directory again (weights, calibration, fits; never new architecture
+    code), warms it up and swaps it in without a gap. Only on a server with API keys."""
+    if not state.settings.keys():
+        raise ServiceError(
+            403, "forbidden", "reload is an admin call: it needs API keys (FISHERGUARD_API_KEYS or FISHERGUARD_API_KEYS_FILE)"
+        )
+    old, new, seconds = await reload(state, model_name)
+    return {
+        "model": model_name,
+        "version": str(new.bundle.card["version"]),
+        "weights_sha256": new.bundle.weights_sha256,
+        "previous": {"version": str(old.bundle.card["version"]), "weights_sha256": old.bundle.weights_sha256},
+        "seconds": seconds,
+    }

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Request, Response
 from service import __version__
 from service.core.bundle import Bundle
 from service.serve import handler, oip
-from service.serve.batcher import Reservation
 from service.serve.errors import ServiceError, bad_request
 from service.serve.oip import Tensor
 from service.serve.schemas import OIP_BOOLEAN, OIP_ERRORS, OIP_INFER, OIP_INFERRED, OipModelMetadata, OipServerMetadata
@@ -33,9 +32,14 @@ EXTENSIONS = ["binary_tensor_data", "parameters"]
 
 def _model(state: State, name: str, version: str | None) -> Served:
     """The served model named `name` (at `version`, when given), else 404 naming what is served."""
-    served = state.model(name)
+    return _at_version(state.model(name), version)
+
+
+def _at_version(served: Served, version: str | None) -> Served:
     if version is not None and version != str(served.bundle.card["version"]):
-        raise ServiceError(404, "not_found", f"model {name!r} has no version {version!r}; it serves {[str(served.bundle.card['version'])]}")
+        raise ServiceError(
+            404, "not_found", f"model {served.name!r} has no version {version!r}; it serves {[str(served.bundle.card['version'])]}"
+        )
     return served
 
 
@@ -187,10 +191,9 @@ async def infer_version(request: Request, state: StateDep, model_name: str, mode
 
 async def _infer(request: Request, state: State, model_name: str, model_version: str | None) -> Response:
     t0 = time.monotonic()
-    served = _model(state, model_name, model_version)
-    bundle = served.bundle
+    served, held = handler.admitted(request, state, model_name)  # with room for its first image
+    bundle = _at_version(served, model_version).bundle
     state.check_ready()
-    held: Reservation = request.state.reservation  # admitted with room for one image (serve/admission.py)
     body = await read_body(request, state.settings.max_body_bytes)
     req = oip.parse_request(body, request.headers.get(oip.HEADER))
     if len(req.inputs) != 1:
