@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.serve.errors import ServiceError, error_body
 from service.serve.settings import Settings
+from service.serve.tracing import trace_id
 
 log = logging.getLogger("fisherguard.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -86,6 +87,7 @@ class AccessControl:
                         "duration_ms": round(1000 * (time.perf_counter() - t0), 2),
                         "client": (scope.get("client") or ("", 0))[0],
                     }
+                    | ({"trace_id": tid} if (tid := trace_id()) else {})
                 },
             )
 

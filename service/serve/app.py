@@ -4,9 +4,11 @@ files, middleware and error handlers."""
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from opentelemetry.sdk.trace import TracerProvider
 
 from service import __version__
 from service.core.bundle import Bundle
+from service.serve import tracing
 from service.serve.access import AccessControl
 from service.serve.admission import Admission
 from service.serve.errors import install_handlers
@@ -18,8 +20,11 @@ from service.serve.settings import Settings
 from service.serve.state import State
 
 
-def create_app(settings: Settings | None = None, bundle: Bundle | list[Bundle] | None = None) -> FastAPI:
-    """The service app. Pass loaded bundles to skip loading by name (tests); the first is the default."""
+def create_app(
+    settings: Settings | None = None, bundle: Bundle | list[Bundle] | None = None, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """The service app. Pass loaded bundles to skip loading by name (tests); the first is the default.
+    A tracer provider turns tracing on with it (tests); else the settings and OTEL_* variables decide."""
     settings = settings or Settings()
     metrics = Metrics()
     app = FastAPI(
@@ -44,4 +49,8 @@ def create_app(settings: Settings | None = None, bundle: Bundle | list[Bundle] |
     app.add_middleware(AccessControl, settings=settings)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 401s too
     install_handlers(app, metrics)
+    if tracer_provider is not None or tracing.wanted(settings.tracing):
+        state = app.state.fg
+        state.tracer_provider = tracer_provider or tracing.provider_from_env()
+        state.tracing = tracing.Tracing(tracing.instrument(app, state.tracer_provider))
     return app

@@ -18,10 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from opentelemetry.context import Context
 
 from service.serve.detector import Outcome
 from service.serve.errors import ServiceError
 from service.serve.metrics import ModelMetrics
+from service.serve.tracing import Tracing
 
 RunBatch = Callable[[torch.Tensor, Sequence[str], Sequence[str]], list[Outcome]]
 
@@ -33,6 +35,7 @@ class Job:
     heatmaps: frozenset[str]
     deadline: float  # time.monotonic()
     future: asyncio.Future[Outcome]
+    trace: Context | None = None  # the request's trace context, when tracing is on
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
     compute_s: float = 0.0
@@ -73,10 +76,17 @@ def lower_priority(nice: int) -> None:
 
 class Batcher:
     def __init__(
-        self, run_batch: RunBatch, max_batch: int, max_delay_s: float, max_queue: int, metrics: ModelMetrics, engine_nice: int = 0
+        self,
+        run_batch: RunBatch,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        metrics: ModelMetrics,
+        engine_nice: int = 0,
+        tracing: Tracing | None = None,
     ) -> None:
         self.run_batch, self.max_batch, self.max_delay_s, self.max_queue = run_batch, max_batch, max_delay_s, max_queue
-        self.metrics = metrics
+        self.metrics, self.tracing = metrics, tracing or Tracing()
         self.reserved = 0  # images admitted but not queued yet
         self.queue: deque[Job] = deque()
         self.wakeup = asyncio.Event()
@@ -123,7 +133,8 @@ class Batcher:
             raise ServiceError(503, "shutting_down", "the service is shutting down", retry_after=1)
         held.release()
         loop = asyncio.get_running_loop()
-        jobs = [Job(x, scores, heatmaps, deadline, loop.create_future()) for x in images]
+        trace = self.tracing.current()  # the request's span: its images' queue spans go under it
+        jobs = [Job(x, scores, heatmaps, deadline, loop.create_future(), trace) for x in images]
         self.queue.extend(jobs)
         self.metrics.queue_depth.set(len(self.queue))
         self.wakeup.set()
@@ -182,8 +193,10 @@ class Batcher:
 
     async def _predict(self, batch: list[Job], scores: list[str], heatmaps: list[str]) -> None:
         x = torch.stack([j.x for j in batch])
+        links = [self.tracing.queued(j.trace, j.enqueued, j.started, self.metrics.name) for j in batch]
         t0 = time.monotonic()
-        outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, x, scores, heatmaps)
+        with self.tracing.batch(links, self.metrics.name, len(batch), scores):
+            outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, x, scores, heatmaps)
         elapsed = time.monotonic() - t0
         m = self.metrics
         m.batches.inc()

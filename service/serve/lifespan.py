@@ -62,7 +62,7 @@ def serve_one(state: State, bundle: Bundle) -> Served:
     s = state.settings
     metrics = ModelMetrics(state.metrics, bundle.name)
     detector = Detector(bundle)
-    batcher = Batcher(detector.run, s.max_batch_size, s.max_delay_ms / 1000, s.max_queue_images, metrics, s.engine_nice)
+    batcher = Batcher(detector.run, s.max_batch_size, s.max_delay_ms / 1000, s.max_queue_images, metrics, s.engine_nice, state.tracing)
     return Served(bundle, batcher, metrics, detector)
 
 
@@ -88,5 +88,7 @@ def lifespan_for(settings: Settings, bundle: Bundle | list[Bundle] | None) -> Ca
             for served in state.models.values():
                 served.metrics.ready.set(0)
             await asyncio.gather(*(m.batcher.stop(settings.request_timeout_ms / 1000) for m in state.models.values()), *state.retiring)
+            if state.tracer_provider is not None:
+                state.tracer_provider.shutdown()  # exports the spans still batched
 
     return lifespan

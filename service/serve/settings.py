@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     expose_details: bool = Field(True, description="return scores, p-values and heatmaps (gradient information an attacker can use)")
     log_format: Literal["json", "text"] = "json"
+    tracing: bool = Field(
+        False, description="OpenTelemetry traces; also on when OTEL_TRACES_EXPORTER or OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set"
+    )
     # decision
     alpha: float | None = Field(None, gt=0, lt=1, description="default α (else the calibration's)")
     min_alpha: float = Field(1e-4, gt=0, lt=1)

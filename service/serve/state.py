@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+from opentelemetry.sdk.trace import TracerProvider
 
 from service.core.bundle import Bundle
 from service.serve.batcher import Batcher
@@ -14,6 +15,7 @@ from service.serve.detector import Detector
 from service.serve.errors import ServiceError
 from service.serve.metrics import Metrics, ModelMetrics
 from service.serve.settings import Settings
+from service.serve.tracing import Tracing
 
 
 @dataclass
@@ -46,6 +48,8 @@ class State:
     inflight: int = 0  # detect and infer requests being handled
     reload_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     retiring: set["asyncio.Future[None]"] = field(default_factory=set)  # old versions' batchers finishing after a reload
+    tracing: Tracing = field(default_factory=Tracing)  # a no-op unless tracing is on
+    tracer_provider: TracerProvider | None = None
 
     @property
     def default(self) -> Served | None:

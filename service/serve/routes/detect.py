@@ -47,7 +47,8 @@ async def _detect(request: Request, state: State, model_name: str | None, q: Det
     spec = handler.ask(state, served, scores, heatmaps, alpha, timeout_ms, t0)
     files = await uploads(request, state.settings)
     held.extend(len(files) - held.images)  # before decoding: a request the queue cannot take is refused now
-    images = await decode_all(files, served.bundle, state.settings)
+    with state.tracing.span("decode", images=len(files)):
+        images = await decode_all(files, served.bundle, state.settings)
     if len(images) == 1 and isinstance(images[0], ServiceError):
         raise images[0]
     outcomes, jobs = await handler.run(served, request, images, spec, held)

@@ -201,7 +201,8 @@ async def _infer(request: Request, state: State, model_name: str, model_version:
     wanted = _outputs(req, state, bundle)
     scores = ",".join(o.name for o in wanted if o.name in bundle.scores) or None
     spec = handler.ask(state, served, scores, None, _alpha(req.parameters), _timeout_ms(req.parameters), t0)
-    images = await _images(req.inputs[0], state, bundle)
+    with state.tracing.span("decode", images=len(req.inputs[0].data)):
+        images = await _images(req.inputs[0], state, bundle)
     outcomes, _ = await handler.run(served, request, list(images), spec, held)
     judged = []
     for i, o in enumerate(outcomes):
