@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -189,3 +190,42 @@ def test_the_dockerfile_install_works_in_a_fresh_venv(tmp_path: Path) -> None:
     out = subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
     path, has_fit, correct, other = out.split()
     assert "site-packages" in path and has_fit == "True" and int(correct) > 2450 and other == "mnist-fisherreg"
+
+
+def _strict(doc: object, schema: dict[str, Any], at: str = "") -> list[str]:
+    """Fields the schema does not declare (what `kubectl apply --validate=strict` refuses)."""
+    if schema.get("x-kubernetes-preserve-unknown-fields") or not isinstance(doc, dict | list):
+        return []
+    if isinstance(doc, list):
+        return [e for i, item in enumerate(doc) for e in _strict(item, schema.get("items", {}), f"{at}[{i}]")]
+    props = schema.get("properties")
+    if props is None:  # a map (additionalProperties) or a free-form object
+        extra = schema.get("additionalProperties")
+        return [e for k, v in doc.items() for e in _strict(v, extra, f"{at}.{k}")] if isinstance(extra, dict) else []
+    return [f"{at}.{k}" for k in doc if k not in props] + [
+        e for k, v in doc.items() if k in props for e in _strict(v, props[k], f"{at}.{k}")
+    ]
+
+
+def test_the_kserve_inferenceservice_validates_against_kserves_crd() -> None:
+    """The v1beta1 schema of KServe's InferenceService CRD (config/crd/full, kserve/kserve at aaac4e294),
+    vendored gzipped: the manifest must satisfy it and use no field it does not declare; its probes and
+    flags must be the service's own."""
+    import gzip
+
+    import jsonschema
+
+    schema = json.loads(gzip.decompress((ROOT / "tests" / "fixtures" / "kserve-inferenceservice-v1beta1.schema.json.gz").read_bytes()))
+    doc = yaml.safe_load((DOCKER / "kserve" / "inferenceservice.yaml").read_text())
+    jsonschema.validate(doc, schema)
+    assert _strict(doc, schema) == []
+    assert _strict({**doc, "spec": {"predictor": {"containerz": []}}}, schema) == [".spec.predictor.containerz"]  # the check bites
+    (c,) = doc["spec"]["predictor"]["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert c["name"] == "kserve-container" and c["ports"][0]["containerPort"] == int(env["FISHERGUARD_PORT"])
+    app = create_app(Settings(device="cpu"))
+    paths = app.openapi()["paths"]
+    assert c["readinessProbe"]["httpGet"]["path"] in paths and c["livenessProbe"]["httpGet"]["path"] in paths
+    from service.cli import parser
+
+    assert parser().parse_args(["serve", *c["args"]]).model == ["mnist", "cifar10"]
