@@ -225,3 +225,60 @@ def test_access_logs_are_json_with_the_request_id_and_no_secrets(mnist: Bundle, 
     entry = next(json.loads(line) for line in lines if '"req-42"' in line)
     assert entry["path"] == "/v1/detect" and entry["status"] == 200 and entry["method"] == "POST" and entry["duration_ms"] > 0
     assert not any("sekrit" in line or "PNG" in line for line in lines)
+
+
+def test_a_server_with_keys_declares_them_in_its_openapi_document(mnist: Bundle) -> None:
+    with TestClient(create_app(Settings(device="cpu", api_keys="k1"), bundle=mnist)) as c:
+        doc = c.get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "one of the server's API keys",
+    }
+    assert doc["paths"]["/v1/detect"]["post"]["security"] == [{"bearer": []}]
+    assert doc["paths"]["/v2/models/{model_name}/infer"]["post"]["security"] == [{"bearer": []}]
+    assert "security" not in doc["paths"]["/healthz"]["get"] and "security" not in doc["paths"]["/v2/health/ready"]["get"]
+    with TestClient(create_app(Settings(device="cpu"), bundle=mnist)) as c:
+        assert "securitySchemes" not in c.get("/openapi.json").json().get("components", {})
+
+
+def test_keys_are_compared_as_digests() -> None:
+    from service.serve.access import key_ok
+
+    assert key_ok("Bearer k1", ["k0", "k1"]) and not key_ok("Bearer k", ["k1"]) and not key_ok("Bearer k1x", ["k1"])
+    assert not key_ok("k1", ["k1"]) and not key_ok(None, ["k1"]) and not key_ok("Bearer ", ["k1"])
+
+
+def test_a_client_trickling_its_body_is_cut_off_and_holds_nothing(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
+    """A slow-body client (slowloris): one byte a second is answered 408 at the body timeout, its
+    connection closed and its queue room given back."""
+    import socket
+    import time
+
+    import httpx
+
+    from tests.conftest import serving
+
+    x, _ = digits
+    app = create_app(Settings(device="cpu", body_timeout_ms=600), bundle=mnist)
+    with serving(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        s = socket.create_connection((host, int(port)))
+        s.settimeout(5)
+        s.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n")
+        t0, data = time.monotonic(), b""
+        try:
+            for _ in range(5):
+                s.sendall(b"\x89")
+                time.sleep(0.2)
+            while chunk := s.recv(65536):  # the server answers, then closes: recv returns b""
+                data += chunk
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        elapsed = time.monotonic() - t0
+        s.close()
+        assert data.startswith(b"HTTP/1.1 408") and b"request_timeout" in data and b"connection: close" in data.lower(), data[:300]
+        assert 0.5 < elapsed < 3
+        assert app.state.fg.batcher.occupied == 0  # the room it held is free again
+        r = httpx.post(base + "/v1/detect", content=png(x[0]), headers={"content-type": "image/png"}, timeout=30)
+        assert r.status_code == 200

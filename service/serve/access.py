@@ -1,6 +1,7 @@
 """Request ids, API-key authentication, security headers and JSON access logs, as one pure ASGI
 middleware. Logs carry no bodies and no keys."""
 
+import hashlib
 import hmac
 import json
 import logging
@@ -24,11 +25,12 @@ PAGE_CSP = (
 
 
 def key_ok(header: str | None, keys: list[str]) -> bool:
-    """`Bearer <key>` against every configured key in constant time (no early exit)."""
+    """`Bearer <key>` against every configured key in constant time: SHA-256 digests compared (equal
+    lengths, so not even the key's length leaks), every key compared (no early exit)."""
     if not header or not header.startswith("Bearer "):
         return False
-    given = header[len("Bearer ") :].encode()
-    return sum(hmac.compare_digest(given, k.encode()) for k in keys) > 0
+    given = hashlib.sha256(header[len("Bearer ") :].encode()).digest()
+    return sum(hmac.compare_digest(given, hashlib.sha256(k.encode()).digest()) for k in keys) > 0
 
 
 def _error(status: int, code: str, message: str, request_id: str, path: str) -> tuple[Message, Message]:

@@ -1,6 +1,8 @@
 """The app factory (docs/architecture.md#serve): it only assembles the lifespan, routes, static
 files, middleware and error handlers."""
 
+from typing import Any
+
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -49,8 +51,31 @@ def create_app(
     app.add_middleware(AccessControl, settings=settings)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 401s too
     install_handlers(app, metrics)
+    if settings.keys():
+        declare_bearer(app, settings)
     if tracer_provider is not None or tracing.wanted(settings.tracing):
         state = app.state.fg
         state.tracer_provider = tracer_provider or tracing.provider_from_env()
         state.tracing = tracing.Tracing(tracing.instrument(app, state.tracer_provider))
     return app
+
+
+def declare_bearer(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI document of a server with API keys declares them: an HTTP bearer scheme, required by
+    every operation that is not public, so generated clients know to send `Authorization: Bearer`."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "one of the server's API keys"}
+            }
+            for path, operations in schema["paths"].items():
+                if not settings.public(path):
+                    for op in operations.values():
+                        op["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

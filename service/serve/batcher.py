@@ -9,6 +9,7 @@ request is not refused later for room. The event loop never runs torch work.
 """
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from service.serve.errors import ServiceError
 from service.serve.metrics import ModelMetrics
 from service.serve.tracing import Tracing
 
+log = logging.getLogger("fisherguard")
 RunBatch = Callable[[torch.Tensor, Sequence[str], Sequence[str]], list[Outcome]]
 
 
@@ -147,10 +149,13 @@ class Batcher:
                 batch = await self._collect()
                 if batch:
                     await self._run(batch)
-            except Exception as e:  # noqa: BLE001 - the loop must survive anything
+            except Exception as e:
+                log.exception("a batch of %d images failed: %s", len(batch), type(e).__name__)
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_result(ServiceError(500, "internal_error", f"batch failed: {type(e).__name__}: {e}"))
+                        job.future.set_result(
+                            ServiceError(500, "internal_error", f"the batch failed ({type(e).__name__}; the server's log has it)")
+                        )
 
     async def _collect(self) -> list[Job]:
         """Waits for work, then up to max_delay from the oldest image while the batch is not full."""

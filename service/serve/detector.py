@@ -1,6 +1,7 @@
 """One batch of images through the bundle's scoring, with failures confined to the images that cause
 them. The batcher's predict callable; it runs on the batcher's worker thread, never on the event loop."""
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from service.core.batches import map_batches
 from service.core.bundle import Bundle
 from service.core.scoring import score
 from service.serve.errors import ServiceError
+
+log = logging.getLogger("fisherguard")
 
 
 @dataclass
@@ -46,8 +49,9 @@ class Detector:
             self.batch_ceiling = max(1, len(x) // 2)
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001 - a model may raise anything; it must fail only its own image
-            if len(x) == 1:
-                return [ServiceError(422, "model_error", f"the model failed on this image: {type(e).__name__}: {e}")]
+            if len(x) == 1:  # the exception's text may describe the model or the data: the log has it, the client does not
+                log.error("model %s failed on an image: %s: %s", self.bundle.name, type(e).__name__, e)
+                return [ServiceError(422, "model_error", "the model failed on this image (the server's log has the error)")]
         half = len(x) // 2
         return self._isolated(x[:half], scores, heatmaps) + self._isolated(x[half:], scores, heatmaps)
 

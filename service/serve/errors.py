@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from service.core.images import ImageError
 from service.serve.metrics import Metrics
 
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large", 415: "unsupported_media_type"}
 IMAGE_STATUS = {"bad_image": 400, "payload_too_large": 413, "unsupported_media_type": 415}
 
 
@@ -24,6 +24,7 @@ class ServiceError(Exception):
     code: str
     message: str
     retry_after: int | None = None
+    close: bool = False  # answer with `Connection: close` (the request's body was not read to its end)
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
@@ -46,7 +47,9 @@ def error_body(e: ServiceError, path: str) -> dict[str, object]:
 
 
 def error_response(e: ServiceError, path: str = "") -> JSONResponse:
-    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else {}
+    if e.close:
+        headers["Connection"] = "close"
     return JSONResponse(error_body(e, path), status_code=e.status, headers=headers)
 
 

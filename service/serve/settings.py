@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     engine_nice: int = Field(10, ge=0, le=19, description="how much lower the engine's CPU priority is than the HTTP front's")
     # limits
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    body_timeout_ms: float = Field(
+        10_000, gt=0, description="time a client may take to send a whole body; slower: 408 and the connection closed"
+    )
     max_images_per_request: int = Field(64, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1, description="pixels of one image, refused from the header before decoding")
     max_request_pixels: int = Field(50_000_000, ge=1, description="pixels of all of a request's images together, from their headers")

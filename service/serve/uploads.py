@@ -1,6 +1,8 @@
 """Reading a detect request's images: the body within its limit, a raw image or multipart fields
 named `file`, and decoding them to the card's input in the threadpool (docs/api.md#detect)."""
 
+import asyncio
+
 import torch
 from fastapi import Request
 from PIL import Image
@@ -16,20 +18,27 @@ from service.serve.settings import Settings
 Upload = tuple[str | None, bytes]  # (filename, bytes)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes the limit (declared or streamed)."""
+async def read_body(request: Request, limit: int, timeout_ms: float) -> bytes:
+    """The body, refused as soon as it passes the limit (declared or streamed), or 408 (closing the
+    connection) when it has not all arrived within timeout_ms: a client trickling its body cannot
+    hold a queue slot and a connection for long."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ServiceError(413, "payload_too_large", f"body is {declared} bytes, the limit is {limit}")
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ServiceError(413, "payload_too_large", f"body passed {limit} bytes, the limit")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_ms / 1000):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ServiceError(413, "payload_too_large", f"body passed {limit} bytes, the limit")
+                chunks.append(chunk)
     except ClientDisconnect:
         raise ServiceError(499, "client_closed_request", "the client disconnected while sending the body") from None
+    except TimeoutError:
+        raise ServiceError(
+            408, "request_timeout", f"the body did not arrive within {timeout_ms:g} ms ({size} bytes came)", close=True
+        ) from None
     return b"".join(chunks)
 
 
@@ -40,7 +49,7 @@ async def uploads(request: Request, settings: Settings) -> list[Upload]:
         raise ServiceError(
             415, "unsupported_media_type", f"content-type {ctype or '(none)'!r}: send an image/* body or multipart/form-data"
         )
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_ms)
     if ctype != "multipart/form-data":
         files: list[Upload] = [(None, body)]
     else:

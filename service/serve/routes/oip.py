@@ -194,7 +194,7 @@ async def _infer(request: Request, state: State, model_name: str, model_version:
     served, held = handler.admitted(request, state, model_name)  # with room for its first image
     bundle = _at_version(served, model_version).bundle
     state.check_ready()
-    body = await read_body(request, state.settings.max_body_bytes)
+    body = await read_body(request, state.settings.max_body_bytes, state.settings.body_timeout_ms)
     req = oip.parse_request(body, request.headers.get(oip.HEADER))
     if len(req.inputs) != 1:
         raise bad_request(f"send exactly one input ({IMAGES!r} or {PIXELS!r}), got {[t.name for t in req.inputs]}")
