@@ -295,3 +295,29 @@ def test_a_full_queue_refuses_infer_before_the_body_is_read() -> None:
     assert status == 503 and b"retry-after: 1" in data.lower() and body["code"] == "overloaded" and isinstance(body["error"], str)
     assert elapsed < 0.5
     assert 'route="/v2/models/{model_name}/infer",status="503"' in metrics and 'route="/v2/models/probe/infer"' not in metrics
+
+
+def test_a_request_the_queue_cannot_hold_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.serve import uploads
+
+    opened: list[int] = []
+    real = uploads.open_image
+
+    def spy(*args: Any) -> Any:
+        opened.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(uploads, "open_image", spy)
+    pngs = [png(_images("mnist", 3)[i]) for i in range(3)]
+    body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [3], "data": [base64.b64encode(b).decode() for b in pngs]}]}
+    app = create_app(Settings(device="cpu", max_queue_images=2), bundle=probe_bundle(Probe()))
+    with serving(app) as base:
+        r = httpx.post(base + "/v2/models/probe/infer", json=body, timeout=30)
+        assert r.status_code == 503 and r.json()["code"] == "overloaded" and r.headers["retry-after"] == "1"
+        assert opened == [] and app.state.fg.batcher.occupied == 0
+        ok = httpx.post(
+            base + "/v2/models/probe/infer",
+            json=body | {"inputs": [body["inputs"][0] | {"shape": [2], "data": body["inputs"][0]["data"][:2]}]},
+            timeout=30,
+        )
+        assert ok.status_code == 200 and len(opened) == 2

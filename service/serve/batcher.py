@@ -149,7 +149,7 @@ class Batcher:
                 batch = await self._collect()
                 if batch:
                     await self._run(batch)
-            except Exception as e:
+            except Exception as e:  # the loop must survive anything: the batch's requests get a 500, the log the traceback
                 log.exception("a batch of %d images failed: %s", len(batch), type(e).__name__)
                 for job in batch:
                     if not job.future.done():

@@ -201,7 +201,10 @@ async def _infer(request: Request, state: State, model_name: str, model_version:
     wanted = _outputs(req, state, bundle)
     scores = ",".join(o.name for o in wanted if o.name in bundle.scores) or None
     spec = handler.ask(state, served, scores, None, _alpha(req.parameters), _timeout_ms(req.parameters), t0)
-    with state.tracing.span("decode", images=len(req.inputs[0].data)):
+    n = len(req.inputs[0].data)
+    if 0 < n <= state.settings.max_images_per_request:
+        held.extend(n - held.images)  # before decoding: a request the queue cannot take is refused now
+    with state.tracing.span("decode", images=n):
         images = await _images(req.inputs[0], state, bundle)
     outcomes, _ = await handler.run(served, request, list(images), spec, held)
     judged = []
