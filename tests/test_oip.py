@@ -252,15 +252,15 @@ def test_malformed_requests_get_the_protocols_4xx_errors(mnist, digits) -> None:
         assert _infer(base, big, big_head).status_code == 413
 
 
-def test_details_off_withholds_scores_and_the_statistic(mnist, digits) -> None:  # type: ignore[no-untyped-def]
+def test_details_off_withholds_everything_continuous(mnist, digits) -> None:  # type: ignore[no-untyped-def]
     x, _ = digits
     body = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": x[0].reshape(-1).tolist()}]}
     with serving(create_app(Settings(device="cpu", expose_details=False), bundle=mnist)) as base:
         r = httpx.post(base + "/v2/models/mnist/infer", json=body, timeout=30)
-        assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["predicted_class", "is_adversarial", "p_value"]
+        assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["predicted_class", "is_adversarial"]
         meta = httpx.get(base + "/v2/models/mnist").json()
-        assert {o["name"] for o in meta["outputs"]} == {"predicted_class", "is_adversarial", "p_value"}
-        for name in ("instance_score", "mahalanobis"):
+        assert {o["name"] for o in meta["outputs"]} == {"predicted_class", "is_adversarial"}
+        for name in ("p_value", "instance_score", "mahalanobis"):
             r = httpx.post(base + "/v2/models/mnist/infer", json=body | {"outputs": [{"name": name}]}, timeout=30)
             assert r.status_code == 403 and r.json()["code"] == "forbidden"
 

@@ -32,11 +32,11 @@ MARKER_RED = (
 
 
 @contextmanager
-def browser_on(bundle: Bundle | list[Bundle]) -> Iterator[tuple["Browser", str]]:
+def browser_on(bundle: Bundle | list[Bundle], **settings: object) -> Iterator[tuple["Browser", str]]:
     from playwright.sync_api import sync_playwright
 
     chromium = need_tool("chromium", "chromium")
-    with serving(create_app(Settings(device="cpu"), bundle=bundle)) as base, sync_playwright() as pw:
+    with serving(create_app(Settings(device="cpu", **settings), bundle=bundle)) as base, sync_playwright() as pw:  # type: ignore[arg-type]
         browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
         try:
             yield browser, base
@@ -143,3 +143,21 @@ def test_cifar10_gallery_picked_beside_mnist(mnist: Bundle, cifar10: Bundle) -> 
         expect(page.locator("#sentence")).not_to_contain_text(f"Predicted {label}")
         expect(page.locator("#sentence")).to_contain_text("Flagged:" if pgd["flagged_when_made"] else "Not flagged")
         assert page.evaluate(PAINTED, "canvas") > 1000
+
+
+@pytest.mark.slow
+def test_the_page_at_disclosure_level_verdict(mnist: Bundle) -> None:
+    """A server that gives verdicts only: the page asks for no scores or heatmaps and shows the class
+    and the flag, no p-value, no calibration plot, no score table."""
+    from playwright.sync_api import expect
+
+    with browser_on(mnist, disclosure="verdict") as (browser, base):
+        page = browser.new_page(viewport={"width": 900, "height": 900})
+        page.goto(base + "/")
+        expect(page.locator("#model")).to_contain_text("verdicts only")
+        page.locator("#gallery button").first.click()
+        expect(page.locator("#sentence")).to_contain_text("Predicted")
+        expect(page.locator("#sentence")).not_to_contain_text("p-value")
+        expect(page.locator("#calibration")).to_be_hidden()
+        expect(page.locator("#scores")).to_be_hidden()
+        expect(page.locator("#error")).to_be_hidden()

@@ -208,9 +208,10 @@ def test_cors_when_configured(mnist: Bundle) -> None:
 def test_details_can_be_withheld_from_untrusted_clients(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
     x, _ = digits
     with _client(mnist, expose_details=False) as c:
-        res = c.post("/v1/detect?scores=all", content=png(x[0]), headers=PNG).json()["results"][0]
-        assert res["scores"] == {} and res["p_values"] == {} and res["heatmaps"] == {}
-        assert set(res["decision"]) == {"statistic", "tail", "components", "p_value", "alpha", "flagged"}
+        body = c.post("/v1/detect?scores=all", content=png(x[0]), headers=PNG).json()
+        res = body["results"][0]
+        assert set(res) == {"index", "filename", "status", "predicted_class", "label", "decision"} and "timing_ms" not in body
+        assert set(res["decision"]) == {"statistic", "tail", "alpha", "flagged"}  # expose_details=false is disclosure=verdict
         r = c.post("/v1/detect?heatmaps=fis", content=png(x[0]), headers=PNG)
         assert r.status_code == 403 and _code(r) == "forbidden"
 
@@ -252,6 +253,7 @@ def test_keys_are_compared_as_digests() -> None:
 def test_a_client_trickling_its_body_is_cut_off_and_holds_nothing(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
     """A slow-body client (slowloris): one byte a second is answered 408 at the body timeout, its
     connection closed and its queue room given back."""
+    import select
     import socket
     import time
 
@@ -267,13 +269,14 @@ def test_a_client_trickling_its_body_is_cut_off_and_holds_nothing(mnist: Bundle,
         s.settimeout(5)
         s.sendall(b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n")
         t0, data = time.monotonic(), b""
+        for _ in range(15):  # a byte every 0.2 s until the server answers
+            if select.select([s], [], [], 0.2)[0]:
+                break
+            s.sendall(b"\x89")
         try:
-            for _ in range(5):
-                s.sendall(b"\x89")
-                time.sleep(0.2)
             while chunk := s.recv(65536):  # the server answers, then closes: recv returns b""
                 data += chunk
-        except (BrokenPipeError, ConnectionResetError):
+        except ConnectionResetError:
             pass
         elapsed = time.monotonic() - t0
         s.close()
@@ -282,3 +285,81 @@ def test_a_client_trickling_its_body_is_cut_off_and_holds_nothing(mnist: Bundle,
         assert app.state.fg.batcher.occupied == 0  # the room it held is free again
         r = httpx.post(base + "/v1/detect", content=png(x[0]), headers={"content-type": "image/png"}, timeout=30)
         assert r.status_code == 200
+
+
+FORBIDDEN = {"confidence", "scores", "p_values", "p_value", "heatmaps", "timing_ms", "instance_score"}
+
+
+def _numbers(doc: object, at: str = "") -> dict[str, object]:
+    """Every numeric leaf of a JSON document by its path (list positions as [])."""
+    if isinstance(doc, dict):
+        return {k: v for key, value in doc.items() for k, v in _numbers(value, f"{at}.{key}").items()}
+    if isinstance(doc, list):
+        return {k: v for value in doc for k, v in _numbers(value, f"{at}[]").items()}
+    return {at: doc} if isinstance(doc, int | float) and not isinstance(doc, bool) else {}
+
+
+def test_a_verdict_key_gets_nothing_continuous_from_any_route(mnist: Bundle) -> None:
+    """Every route of the OpenAPI document, called with a verdict-only key about two different images:
+    no field that carries a continuous quantity, and every number in the image routes' answers is an
+    index, a class, α or a shape — the same for both images but the class. The full key, on the same
+    routes, does get the continuous quantities (so the check can fail)."""
+    import base64
+
+    import httpx
+
+    from service.serve.gallery import GALLERY
+    from tests.conftest import serving
+
+    images = [(GALLERY / "mnist" / name).read_bytes() for name in ("00-clean.png", "01-pgd.png")]
+    app = create_app(Settings(device="cpu", api_keys="full1", verdict_api_keys="public1"), bundle=mnist)
+    fill = {"model_name": "mnist", "model_version": "1.0.0", "score": "learned"}
+    with serving(app) as base:
+
+        def call(key: str, method: str, path: str, image: bytes) -> httpx.Response:
+            url, auth = base + path.format(**fill), {"authorization": f"Bearer {key}"}
+            if path.endswith("/infer"):
+                b64 = base64.b64encode(image).decode()
+                return httpx.post(
+                    url, json={"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [b64]}]}, headers=auth, timeout=30
+                )
+            if method == "post":
+                return httpx.post(url, content=image, headers=auth | {"content-type": "image/png"}, timeout=30)
+            return httpx.get(url, headers=auth, timeout=30)
+
+        seen: dict[str, list[object]] = {}
+        for path, ops in app.openapi()["paths"].items():
+            for method in ops:
+                if path.endswith("/reload"):
+                    r = call("public1", method, path, images[0])
+                    assert r.status_code == 403, path  # an admin call needs a full key
+                    continue
+                for image in images:
+                    r = call("public1", method, path, image)
+                    assert r.status_code in (200, 403), (path, r.status_code, r.text[:200])
+                    if path.endswith("/calibration/{score}"):
+                        assert r.status_code == 403, path  # the clean calibration values: withheld
+                    if r.status_code == 403 or "json" not in r.headers.get("content-type", ""):
+                        continue
+                    doc = r.json()
+                    assert not isinstance(doc, dict) or doc.get("calibration") is None, path  # /v1/model's summary: withheld
+                    if path.endswith(("/detect", "/infer")):
+                        text = json.dumps(doc)
+                        assert not any(f'"{k}"' in text for k in FORBIDDEN), (path, text[:300])
+                        names = {o["name"] for o in doc.get("outputs", [])}
+                        assert names <= {"predicted_class", "is_adversarial"}, names
+                        numbers = _numbers(doc)
+                        assert set(numbers) <= {
+                            ".results[].index",
+                            ".results[].predicted_class",
+                            ".results[].decision.alpha",
+                            ".outputs[].shape[]",
+                            ".outputs[].data[]",
+                            ".parameters.alpha",
+                        }, (path, numbers)
+                        seen.setdefault(f"{method} {path}", []).append(numbers)
+                full = call("full1", method, path, images[0])
+                if path.endswith("/detect") and full.status_code == 200:
+                    assert "p_value" in full.json()["results"][0]["decision"]
+        assert len(seen) == 4  # /v1/detect, /v1/models/{name}/detect and both infer routes were walked
+        assert call("public1", "get", "/metrics", images[0]).status_code == 200  # public: see docs/security.md#disclosure

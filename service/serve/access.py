@@ -24,13 +24,18 @@ PAGE_CSP = (
 )
 
 
-def key_ok(header: str | None, keys: list[str]) -> bool:
-    """`Bearer <key>` against every configured key in constant time: SHA-256 digests compared (equal
-    lengths, so not even the key's length leaks), every key compared (no early exit)."""
+def matched_key(header: str | None, keys: list[str]) -> str | None:
+    """The configured key that `Bearer <key>` names, compared in constant time: SHA-256 digests
+    (equal lengths, so not even the key's length leaks), every key compared (no early exit)."""
     if not header or not header.startswith("Bearer "):
-        return False
+        return None
     given = hashlib.sha256(header[len("Bearer ") :].encode()).digest()
-    return sum(hmac.compare_digest(given, hashlib.sha256(k.encode()).digest()) for k in keys) > 0
+    hits = [k for k in keys if hmac.compare_digest(given, hashlib.sha256(k.encode()).digest())]
+    return hits[0] if hits else None
+
+
+def key_ok(header: str | None, keys: list[str]) -> bool:
+    return matched_key(header, keys) is not None
 
 
 def _error(status: int, code: str, message: str, request_id: str, path: str) -> tuple[Message, Message]:
@@ -43,7 +48,7 @@ def _error(status: int, code: str, message: str, request_id: str, path: str) -> 
 
 class AccessControl:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app, self.settings, self.keys = app, settings, settings.keys()
+        self.app, self.settings, self.keys, self.verdict_keys = app, settings, settings.keys(), set(settings.verdict_keys())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,13 +74,16 @@ class AccessControl:
             await send(message)
 
         try:
-            if self.keys and not self.settings.public(path) and not key_ok(headers.get(b"authorization", b"").decode("latin-1"), self.keys):
+            key = matched_key(headers.get(b"authorization", b"").decode("latin-1"), self.keys) if self.keys else None
+            if self.keys and not self.settings.public(path) and key is None:
                 start, body = _error(
                     401, "unauthorized", "this server needs an API key: send `Authorization: Bearer <key>`", request_id, path
                 )
                 await send_wrapper(start)
                 await send(body)
                 return
+            if key is not None and key in self.verdict_keys:
+                scope["state"]["disclosure"] = "verdict"  # what this client may see (docs/security.md#disclosure)
             await self.app(scope, receive, send_wrapper)
         finally:
             log.info(

@@ -27,6 +27,7 @@ class Ask:
     heatmaps: tuple[str, ...]
     alpha: float
     deadline: float  # time.monotonic()
+    full: bool = True  # disclosure: everything, or only the predicted class and the flag
 
 
 @dataclass(frozen=True)
@@ -54,21 +55,35 @@ def names(raw: str | None, known: dict[str, Any] | tuple[str, ...], what: str, d
     return picked
 
 
+def shows_details(request: Request, state: State) -> bool:
+    """Whether this client may see continuous quantities (docs/security.md#disclosure): the server's
+    level, lowered to `verdict` for a verdict-only key."""
+    return state.settings.level() == "full" and getattr(request.state, "disclosure", "full") == "full"
+
+
 def ask(
-    state: State, served: Served, scores: str | None, heatmaps: str | None, alpha: float | None, timeout_ms: float | None, t0: float
+    state: State,
+    served: Served,
+    scores: str | None,
+    heatmaps: str | None,
+    alpha: float | None,
+    timeout_ms: float | None,
+    t0: float,
+    full: bool = True,
 ) -> Ask:
-    """Validates a request's query against the model's bundle, the settings and the calibration."""
+    """Validates a request's query against the model's bundle, the settings, the calibration and what
+    the client may see (`full`)."""
     bundle, s = served.bundle, state.settings
     assert bundle is not None and bundle.calibration is not None
     shown = tuple(dict.fromkeys((*names(scores, bundle.scores, "scores", DEFAULT), *bundle.calibration.decision_scores)))
     maps = names(heatmaps, HEATMAPS, "heatmaps", ())
-    if maps and not s.expose_details:
-        raise ServiceError(403, "forbidden", "this server does not return heatmaps (expose_details is off)")
+    if maps and not full:
+        raise ServiceError(403, "forbidden", "this client gets the verdict only: no heatmaps (disclosure level verdict)")
     a = alpha if alpha is not None else (s.alpha or bundle.calibration.alpha)
     if not s.min_alpha <= a <= s.max_alpha:
         raise ServiceError(422, "validation_error", f"alpha {a} is outside [{s.min_alpha}, {s.max_alpha}]")
     deadline = t0 + min(timeout_ms or float("inf"), s.request_timeout_ms) / 1000
-    return Ask(shown, maps, a, deadline)
+    return Ask(shown, maps, a, deadline, full)
 
 
 def admitted(request: Request, state: State, name: str | None) -> tuple[Served, Reservation]:
@@ -128,6 +143,6 @@ def judge(state: State, served: Served, result: ImageResult, spec: Ask) -> Judge
         served.metrics.flagged.inc()
     shown = {k: result.scores[k] for k in spec.scores}
     pv = {k: float(np.asarray(v)) for k, v in decision.score_p_values(cal, {k: t[k] for k in spec.scores}).items()}
-    if not state.settings.expose_details:  # gradient information helps an adaptive attacker
+    if not spec.full:  # gradient information helps an adaptive attacker
         shown, pv = {}, {}
     return Judged(result, shown, pv, p, flagged, statistic)

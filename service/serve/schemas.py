@@ -24,7 +24,7 @@ class Decision(BaseModel):
     statistic: str
     tail: Literal["one-sided", "two-sided"]
     components: list[dict[str, str]] | None = None  # a combined decision's scores and tails
-    p_value: float
+    p_value: float | None = None  # absent at disclosure level verdict
     alpha: float
     flagged: bool
 
@@ -59,7 +59,7 @@ class Timing(BaseModel):
 class DetectResponse(BaseModel):
     model: ModelRef
     results: list[ImageVerdict]
-    timing_ms: Timing
+    timing_ms: Timing | None = None  # absent at disclosure level verdict
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 403, 408, 413, 415, 422, 503)}

@@ -44,7 +44,15 @@ class Settings(BaseSettings):
         description="open without a key (a trailing / opens a prefix)",
     )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
-    expose_details: bool = Field(True, description="return scores, p-values and heatmaps (gradient information an attacker can use)")
+    expose_details: bool = Field(
+        True, description="return scores, p-values and heatmaps (gradient information an attacker can use); false means disclosure=verdict"
+    )
+    disclosure: Literal["full", "verdict"] = Field(
+        "full", description="what answers carry: everything (full), or only the predicted class and the flag (verdict)"
+    )
+    verdict_api_keys: str | None = Field(
+        None, description="comma-separated API keys whose clients get only the verdict, whatever `disclosure` says"
+    )
     log_format: Literal["json", "text"] = "json"
     tracing: bool = Field(
         False, description="OpenTelemetry traces; also on when OTEL_TRACES_EXPORTER or OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT is set"
@@ -65,9 +73,16 @@ class Settings(BaseSettings):
             raise ValueError(f"model {self.model!r} names no bundle")
         return specs
 
+    def level(self) -> Literal["full", "verdict"]:
+        """The disclosure level of clients without a verdict-only key."""
+        return self.disclosure if self.expose_details else "verdict"
+
+    def verdict_keys(self) -> list[str]:
+        return [k.strip() for k in (self.verdict_api_keys or "").split(",") if k.strip()]
+
     def keys(self) -> list[str]:
-        """The configured API keys (empty: no authentication)."""
-        keys = [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]
+        """The configured API keys, verdict-only ones included (empty: no authentication)."""
+        keys = [k.strip() for k in (self.api_keys or "").split(",") if k.strip()] + self.verdict_keys()
         if self.api_keys_file is not None:
             lines = self.api_keys_file.read_text().splitlines()
             keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]

@@ -44,7 +44,7 @@ async def _detect(request: Request, state: State, model_name: str | None, q: Det
     t0 = time.monotonic()
     served, held = handler.admitted(request, state, model_name)  # with room for its first image
     state.check_ready()
-    spec = handler.ask(state, served, scores, heatmaps, alpha, timeout_ms, t0)
+    spec = handler.ask(state, served, scores, heatmaps, alpha, timeout_ms, t0, full=handler.shows_details(request, state))
     files = await uploads(request, state.settings)
     held.extend(len(files) - held.images)  # before decoding: a request the queue cannot take is refused now
     with state.tracing.span("decode", images=len(files)):
@@ -61,7 +61,7 @@ async def _detect(request: Request, state: State, model_name: str | None, q: Det
         "total": 1000 * (time.monotonic() - t0),
     }
     model = {"name": served.name, "version": served.bundle.card["version"], "device": state.device}
-    return JSONResponse({"model": model, "results": results, "timing_ms": timing})
+    return JSONResponse({"model": model, "results": results} | ({"timing_ms": timing} if spec.full else {}))
 
 
 def _result(state: State, served: Served, index: int, filename: str | None, outcome: Outcome, spec: handler.Ask) -> dict[str, Any]:
@@ -71,6 +71,15 @@ def _result(state: State, served: Served, index: int, filename: str | None, outc
     j = handler.judge(state, served, outcome, spec)
     cal = served.bundle.calibration
     assert cal is not None
+    if not spec.full:  # the verdict only: nothing continuous (docs/security.md#disclosure)
+        return {
+            "index": index,
+            "filename": filename,
+            "status": "ok",
+            "predicted_class": outcome.predicted,
+            "label": served.bundle.classes[outcome.predicted],
+            "decision": {"statistic": cal.statistic, "tail": cal.tail, "alpha": spec.alpha, "flagged": j.flagged},
+        }
     return {
         "index": index,
         "filename": filename,

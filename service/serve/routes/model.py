@@ -2,10 +2,11 @@
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from service.core.scores import DEFAULT, SCORES
 from service.fisher import HEATMAPS
+from service.serve import handler
 from service.serve.errors import ServiceError
 from service.serve.gallery import gallery_urls
 from service.serve.reload import reload
@@ -29,18 +30,18 @@ async def models(state: StateDep) -> dict[str, Any]:
 
 
 @router.get("/v1/model", responses={503: {"model": ErrorResponse}})
-async def default_model_info(state: StateDep) -> dict[str, Any]:
+async def default_model_info(request: Request, state: StateDep) -> dict[str, Any]:
     """The default model's card, calibration, scores, heatmaps, gallery and the service's limits."""
-    return model_info(state, None)
+    return model_info(state, None, handler.shows_details(request, state))
 
 
 @router.get("/v1/models/{model_name}", responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def named_model_info(state: StateDep, model_name: str) -> dict[str, Any]:
+async def named_model_info(request: Request, state: StateDep, model_name: str) -> dict[str, Any]:
     """The named model's card, calibration, scores, heatmaps, gallery and the service's limits."""
-    return model_info(state, model_name)
+    return model_info(state, model_name, handler.shows_details(request, state))
 
 
-def model_info(state: State, model_name: str | None) -> dict[str, Any]:
+def model_info(state: State, model_name: str | None, full: bool) -> dict[str, Any]:
     served = state.model(model_name)
     bundle = served.bundle
     s = state.settings
@@ -50,7 +51,8 @@ def model_info(state: State, model_name: str | None) -> dict[str, Any]:
         "weights_sha256": bundle.weights_sha256,
         "loaded_at": served.loaded_at,
         "device": state.device,
-        "calibration": cal.summary() if cal else None,
+        "disclosure": "full" if full else "verdict",
+        "calibration": cal.summary() if cal and full else None,
         "scores": {k: {"direction": v.direction, "log10": v.log} for k, v in bundle.scores.items()},
         "default_scores": list(dict.fromkeys((*DEFAULT, *cal.decision_scores))) if cal else list(DEFAULT),
         "heatmaps": list(HEATMAPS),
@@ -69,19 +71,26 @@ def model_info(state: State, model_name: str | None) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/model/calibration/{score}", responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def default_calibration_values(state: StateDep, score: str) -> dict[str, Any]:
+@router.get(
+    "/v1/model/calibration/{score}", responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+)
+async def default_calibration_values(request: Request, state: StateDep, score: str) -> dict[str, Any]:
     """The default model's clean calibration distribution of one score (thresholded form), for plots."""
-    return calibration_values(state, None, score)
+    return calibration_values(state, None, score, handler.shows_details(request, state))
 
 
-@router.get("/v1/models/{model_name}/calibration/{score}", responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def named_calibration_values(state: StateDep, model_name: str, score: str) -> dict[str, Any]:
+@router.get(
+    "/v1/models/{model_name}/calibration/{score}",
+    responses={403: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def named_calibration_values(request: Request, state: StateDep, model_name: str, score: str) -> dict[str, Any]:
     """The named model's clean calibration distribution of one score."""
-    return calibration_values(state, model_name, score)
+    return calibration_values(state, model_name, score, handler.shows_details(request, state))
 
 
-def calibration_values(state: State, model_name: str | None, score: str) -> dict[str, Any]:
+def calibration_values(state: State, model_name: str | None, score: str, full: bool) -> dict[str, Any]:
+    if not full:
+        raise ServiceError(403, "forbidden", "this client gets the verdict only: no calibration values (disclosure level verdict)")
     cal = state.model(model_name).bundle.calibration
     if cal is None or score not in cal.values:
         raise ServiceError(404, "not_found", f"no calibration values for score {score!r}")
@@ -93,13 +102,15 @@ def calibration_values(state: State, model_name: str | None, score: str) -> dict
     "/v1/models/{model_name}/reload",
     responses={c: {"model": ErrorResponse} for c in (401, 403, 404, 422, 503)},
 )
-async def reload_model(state: StateDep, model_name: str) -> dict[str, Any]:
+async def reload_model(request: Request, state: StateDep, model_name: str) -> dict[str, Any]:
     """Loads the model's bundle directory again (weights, calibration, fits; never new architecture
-    code), warms it up and swaps it in without a gap. Only on a server with API keys."""
+    code), warms it up and swaps it in without a gap. Only on a server with API keys, by a full key."""
     if not state.settings.keys():
         raise ServiceError(
             403, "forbidden", "reload is an admin call: it needs API keys (FISHERGUARD_API_KEYS or FISHERGUARD_API_KEYS_FILE)"
         )
+    if getattr(request.state, "disclosure", "full") != "full":
+        raise ServiceError(403, "forbidden", "reload is an admin call: a verdict-only key may not make it")
     old, new, seconds = await reload(state, model_name)
     return {
         "model": model_name,

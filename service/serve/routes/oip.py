@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 OUTPUTS = {  # name -> (datatype, shown only when details are exposed)
     "predicted_class": ("INT64", False),
     "is_adversarial": ("BOOL", False),
-    "p_value": ("FP64", False),
+    "p_value": ("FP64", True),
     "instance_score": ("FP64", True),
 }
 DEFAULT_OUTPUTS = ("predicted_class", "is_adversarial", "p_value", "instance_score")
@@ -43,10 +43,9 @@ def _at_version(served: Served, version: str | None) -> Served:
     return served
 
 
-def metadata(state: State, bundle: Bundle) -> dict[str, Any]:
-    """Model metadata: the two input forms (send one of them) and every output."""
+def metadata(bundle: Bundle, shown: bool) -> dict[str, Any]:
+    """Model metadata: the two input forms (send one of them) and every output this client may ask for."""
     c, h, w = bundle.input_shape
-    shown = state.settings.expose_details
     outputs = [{"name": k, "datatype": d, "shape": [-1]} for k, (d, detail) in OUTPUTS.items() if shown or not detail]
     outputs += [{"name": k, "datatype": "FP64", "shape": [-1]} for k in bundle.scores] if shown else []
     return {
@@ -80,13 +79,13 @@ async def server_metadata() -> dict[str, Any]:
 
 
 @router.get("/models/{model_name}", response_model=OipModelMetadata, responses=OIP_ERRORS)
-async def model_metadata(state: StateDep, model_name: str) -> dict[str, Any]:
-    return metadata(state, _model(state, model_name, None).bundle)
+async def model_metadata(request: Request, state: StateDep, model_name: str) -> dict[str, Any]:
+    return metadata(_model(state, model_name, None).bundle, handler.shows_details(request, state))
 
 
 @router.get("/models/{model_name}/versions/{model_version}", response_model=OipModelMetadata, responses=OIP_ERRORS)
-async def version_metadata(state: StateDep, model_name: str, model_version: str) -> dict[str, Any]:
-    return metadata(state, _model(state, model_name, model_version).bundle)
+async def version_metadata(request: Request, state: StateDep, model_name: str, model_version: str) -> dict[str, Any]:
+    return metadata(_model(state, model_name, model_version).bundle, handler.shows_details(request, state))
 
 
 @router.get("/models/{model_name}/ready", response_class=Response, responses=OIP_BOOLEAN | OIP_ERRORS)
@@ -120,9 +119,8 @@ def _timeout_ms(parameters: dict[str, Any]) -> float | None:
     return float(us) / 1000
 
 
-def _outputs(request: oip.InferRequest, state: State, bundle: Bundle) -> list[oip.Requested]:
-    """The outputs asked for (the defaults when none are), each known and allowed."""
-    shown = state.settings.expose_details
+def _outputs(request: oip.InferRequest, shown: bool, bundle: Bundle) -> list[oip.Requested]:
+    """The outputs asked for (the defaults when none are), each known and allowed to this client."""
 
     def detail(name: str) -> bool:
         return name in bundle.scores or OUTPUTS[name][1]
@@ -133,7 +131,7 @@ def _outputs(request: oip.InferRequest, state: State, bundle: Bundle) -> list[oi
         if o.name not in OUTPUTS and o.name not in bundle.scores:
             raise bad_request(f"unknown output {o.name!r}; known: {[*OUTPUTS, *bundle.scores]}")
         if not shown and detail(o.name):
-            raise ServiceError(403, "forbidden", f"this server does not return {o.name!r} (expose_details is off)")
+            raise ServiceError(403, "forbidden", f"this client gets the verdict only, not {o.name!r} (disclosure level verdict)")
     return request.outputs
 
 
@@ -198,9 +196,10 @@ async def _infer(request: Request, state: State, model_name: str, model_version:
     req = oip.parse_request(body, request.headers.get(oip.HEADER))
     if len(req.inputs) != 1:
         raise bad_request(f"send exactly one input ({IMAGES!r} or {PIXELS!r}), got {[t.name for t in req.inputs]}")
-    wanted = _outputs(req, state, bundle)
+    full = handler.shows_details(request, state)
+    wanted = _outputs(req, full, bundle)
     scores = ",".join(o.name for o in wanted if o.name in bundle.scores) or None
-    spec = handler.ask(state, served, scores, None, _alpha(req.parameters), _timeout_ms(req.parameters), t0)
+    spec = handler.ask(state, served, scores, None, _alpha(req.parameters), _timeout_ms(req.parameters), t0, full=full)
     n = len(req.inputs[0].data)
     if 0 < n <= state.settings.max_images_per_request:
         held.extend(n - held.images)  # before decoding: a request the queue cannot take is refused now

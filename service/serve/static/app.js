@@ -58,6 +58,10 @@ async function loadModel() {
     b.addEventListener("click", async () => detect(new File([await (await fetch(e.url)).blob()], e.file, { type: "image/png" })));
     g.appendChild(b);
   }
+  const full = m.disclosure !== "verdict";
+  for (const id of ["calibration", "scores"]) $(id).closest(id === "scores" ? ".table-wrap" : "figure").hidden = !full;
+  document.querySelector(".view .controls").hidden = !full;
+  if (!cal) { $("model").textContent = `${c.name} v${c.version} on ${m.device} · this client gets verdicts only`; return; }
   $("model").textContent = `${c.name} v${c.version} on ${m.device} · test accuracy ${(100 * c.test_accuracy).toFixed(2)}% · ` +
     `calibrated on ${cal.data.correct} clean images (${cal.created.slice(0, 10)}), decision ` + (cal.components
       ? `the smallest p-value of ${cal.components.map((x) => x.score).join(", ")}, calibrated on n = ${cal.n} of them held apart`
@@ -66,7 +70,8 @@ async function loadModel() {
 
 async function detect(file) {
   showError("");
-  const r = await fetch(`${detectPath()}?scores=all&heatmaps=fis,eigvec,fisher_diag,saliency`, {
+  const query = info && info.disclosure === "verdict" ? "" : "?scores=all&heatmaps=fis,eigvec,fisher_diag,saliency";
+  const r = await fetch(`${detectPath()}${query}`, {
     method: "POST", headers: { "content-type": file.type || "application/octet-stream", ...auth() }, body: file });
   const body = await r.json();
   if (!r.ok) {
@@ -111,6 +116,15 @@ function pct(f) { return f < 0.001 ? "fewer than 0.1%" : f < 0.1 ? `${(100 * f).
 async function render() {
   const d = result.decision;
   $("verdict").hidden = false;
+  if (d.p_value === undefined) {  // disclosure level verdict: the class and the flag, nothing continuous
+    $("sentence").innerHTML = `Predicted <b>${result.label}</b>. ` + (d.flagged
+      ? `<span class="flagged">Flagged</span> as likely adversarial at α = ${d.alpha}.`
+      : `<span class="clean">Not flagged</span> at α = ${d.alpha}.`);
+    const ctx = $("canvas").getContext("2d");
+    ctx.clearRect(0, 0, $("canvas").width, $("canvas").height);
+    ctx.drawImage(image, 0, 0, $("canvas").width, $("canvas").height);
+    return;
+  }
   const combined = !!d.components;
   const stat = combined ? d.components[0].score : d.statistic;
   const values = await calibrationValues(stat), t = thresholded(stat, result.scores[stat]);
