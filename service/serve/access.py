@@ -13,6 +13,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.serve.errors import ServiceError, error_body
+from service.serve.quotas import client_id
 from service.serve.settings import Settings
 from service.serve.tracing import trace_id
 
@@ -82,6 +83,7 @@ class AccessControl:
                 await send_wrapper(start)
                 await send(body)
                 return
+            scope["state"]["client"] = client_id(key, (scope.get("client") or ("", 0))[0])  # whom quotas count
             if key is not None and key in self.verdict_keys:
                 scope["state"]["disclosure"] = "verdict"  # what this client may see (docs/security.md#disclosure)
             await self.app(scope, receive, send_wrapper)

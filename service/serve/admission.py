@@ -49,6 +49,8 @@ class Admission:
         held = None
         try:
             state.check_ready()
+            if state.quotas is not None:
+                state.quotas.charge_request(scope.get("state", {}).get("client", "addr:"))
             served = state.model(name)
             b = served.batcher
             held = b.reserve(1)

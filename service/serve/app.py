@@ -17,6 +17,7 @@ from service.serve.errors import install_handlers
 from service.serve.gallery import STATIC
 from service.serve.lifespan import lifespan_for
 from service.serve.metrics import Metrics, RequestMetrics
+from service.serve.quotas import Quotas
 from service.serve.routes import ROUTERS
 from service.serve.settings import Settings
 from service.serve.state import State
@@ -35,7 +36,8 @@ def create_app(
         description="Fisher-information detection of adversarial images, with conformal false-positive control.",
         lifespan=lifespan_for(settings, bundle),
     )
-    app.state.fg = State(settings, metrics)
+    quotas = Quotas(settings, metrics)
+    app.state.fg = State(settings, metrics, quotas=quotas if quotas.active else None)
     for router in ROUTERS:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -93,6 +93,12 @@ def admitted(request: Request, state: State, name: str | None) -> tuple[Served, 
     return served, request.state.reservation
 
 
+def charge_images(request: Request, state: State, n: int) -> None:
+    """The client's image quota, charged for n images before any is decoded (429 when over it)."""
+    if state.quotas is not None:
+        state.quotas.charge_images(getattr(request.state, "client", "addr:"), n)
+
+
 async def run(
     served: Served, request: Request, images: list[torch.Tensor | ServiceError], spec: Ask, held: Reservation
 ) -> tuple[list[Outcome], list[Job]]:

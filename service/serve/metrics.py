@@ -20,6 +20,12 @@ class Metrics:
         self.request_seconds = Histogram(
             "fisherguard_request_duration_seconds", "HTTP request duration", ["route"], buckets=LATENCY, registry=r
         )
+        self.rate_limited = Counter(
+            "fisherguard_rate_limited",
+            "Requests refused for a quota, by client (key digest or anonymous) and quota",
+            ["client", "quota"],
+            registry=r,
+        )
         self.errors = Counter("fisherguard_errors", "Error responses and failed image slots by machine code", ["code"], registry=r)
         # per served model: a `model` label, bounded by the configured set (ModelMetrics binds it)
         self.images = Counter(

@@ -62,7 +62,7 @@ class DetectResponse(BaseModel):
     timing_ms: Timing | None = None  # absent at disclosure level verdict
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 403, 408, 413, 415, 422, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 403, 408, 413, 415, 422, 429, 503)}
 ERRORS_404: dict[int | str, dict[str, Any]] = {**ERRORS, 404: {"model": ErrorResponse}}  # routes that name a model
 IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
@@ -133,7 +133,7 @@ class OipInferResponse(BaseModel):
     outputs: list[OipTensor]
 
 
-OIP_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": OipError} for c in (400, 401, 403, 404, 408, 413, 422, 503)}
+OIP_ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": OipError} for c in (400, 401, 403, 404, 408, 413, 422, 429, 503)}
 OIP_BOOLEAN: dict[int | str, dict[str, Any]] = {  # the protocol's health and readiness: the status is the answer
     200: {"description": "true (empty body)", "content": {}},
     400: {"description": "false (empty body)", "content": {}},

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
         "/healthz,/readyz,/metrics,/,/static/,/docs,/openapi.json,/v2/health/",
         description="open without a key (a trailing / opens a prefix)",
     )
+    request_quota: str | None = Field(None, description="detect/infer requests per client (API key, else address), e.g. '50/second'")
+    image_quota: str | None = Field(None, description="images per client (API key, else address), e.g. '200/second'")
+    quota_storage: str = Field("memory://", description="where quotas count: this process, or a `limits` storage such as redis://host:6379")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     expose_details: bool = Field(
         True, description="return scores, p-values and heatmaps (gradient information an attacker can use); false means disclosure=verdict"

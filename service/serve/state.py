@@ -14,6 +14,7 @@ from service.serve.batcher import Batcher
 from service.serve.detector import Detector
 from service.serve.errors import ServiceError
 from service.serve.metrics import Metrics, ModelMetrics
+from service.serve.quotas import Quotas
 from service.serve.settings import Settings
 from service.serve.tracing import Tracing
 
@@ -50,6 +51,7 @@ class State:
     retiring: set["asyncio.Future[None]"] = field(default_factory=set)  # old versions' batchers finishing after a reload
     tracing: Tracing = field(default_factory=Tracing)  # a no-op unless tracing is on
     tracer_provider: TracerProvider | None = None
+    quotas: Quotas | None = None  # per-client quotas, when configured
 
     @property
     def default(self) -> Served | None:

@@ -46,6 +46,7 @@ async def _detect(request: Request, state: State, model_name: str | None, q: Det
     state.check_ready()
     spec = handler.ask(state, served, scores, heatmaps, alpha, timeout_ms, t0, full=handler.shows_details(request, state))
     files = await uploads(request, state.settings)
+    handler.charge_images(request, state, len(files))
     held.extend(len(files) - held.images)  # before decoding: a request the queue cannot take is refused now
     with state.tracing.span("decode", images=len(files)):
         images = await decode_all(files, served.bundle, state.settings)

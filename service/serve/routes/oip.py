@@ -202,6 +202,7 @@ async def _infer(request: Request, state: State, model_name: str, model_version:
     spec = handler.ask(state, served, scores, None, _alpha(req.parameters), _timeout_ms(req.parameters), t0, full=full)
     n = len(req.inputs[0].data)
     if 0 < n <= state.settings.max_images_per_request:
+        handler.charge_images(request, state, n)
         held.extend(n - held.images)  # before decoding: a request the queue cannot take is refused now
     with state.tracing.span("decode", images=n):
         images = await _images(req.inputs[0], state, bundle)
