@@ -42,13 +42,19 @@ def test_promtool_accepts_the_config_and_rules() -> None:
     promtool = need_tool("promtool", "prometheus")
     subprocess.run([promtool, "check", "config", str(DOCKER / "prometheus.yml")], check=True, capture_output=True)
     out = subprocess.run([promtool, "check", "rules", str(DOCKER / "alerts.yml")], check=True, capture_output=True, text=True)
-    assert "SUCCESS: 4 rules found" in out.stdout
+    assert "SUCCESS: 5 rules found" in out.stdout
 
 
 def test_alert_rules_name_exported_metrics(live: str, digits) -> None:  # type: ignore[no-untyped-def]
     names = exported_names(live, digits)
     rules = yaml.safe_load((DOCKER / "alerts.yml").read_text())["groups"][0]["rules"]
-    assert {r["alert"] for r in rules} == {"FisherGuardNotReady", "FisherGuardHigh503Rate", "FisherGuardSlowP99", "FisherGuardFlagRateHigh"}
+    assert {r["alert"] for r in rules} == {
+        "FisherGuardNotReady",
+        "FisherGuardHigh503Rate",
+        "FisherGuardSlowP99",
+        "FisherGuardFlagRateHigh",
+        "FisherGuardQueryPattern",
+    }
     for r in rules:
         for metric in re.findall(r"fisherguard_[a-z_]+", r["expr"]):
             assert metric in names, (r["alert"], metric)
@@ -104,7 +110,7 @@ def test_a_real_prometheus_scrapes_the_service(live: str, tmp_path: Path) -> Non
         info = httpx.get(api + "/query", params={"query": "fisherguard_model_info"}).json()["data"]["result"]
         assert info[0]["metric"]["name"] == "mnist" and info[0]["metric"]["device"] == "cpu"
         groups = httpx.get(api + "/rules").json()["data"]["groups"]
-        assert len(groups[0]["rules"]) == 4 and all(r["health"] != "err" for r in groups[0]["rules"])
+        assert len(groups[0]["rules"]) == 5 and all(r["health"] != "err" for r in groups[0]["rules"])
     finally:
         proc.terminate()
         proc.wait(timeout=30)

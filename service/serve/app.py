@@ -17,6 +17,7 @@ from service.serve.errors import install_handlers
 from service.serve.gallery import STATIC
 from service.serve.lifespan import lifespan_for
 from service.serve.metrics import Metrics, RequestMetrics
+from service.serve.monitor import QueryMonitor
 from service.serve.quotas import Quotas
 from service.serve.routes import ROUTERS
 from service.serve.settings import Settings
@@ -37,7 +38,7 @@ def create_app(
         lifespan=lifespan_for(settings, bundle),
     )
     quotas = Quotas(settings, metrics)
-    app.state.fg = State(settings, metrics, quotas=quotas if quotas.active else None)
+    app.state.fg = State(settings, metrics, quotas=quotas if quotas.active else None, monitor=QueryMonitor(metrics))
     for router in ROUTERS:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -99,6 +99,12 @@ def charge_images(request: Request, state: State, n: int) -> None:
         state.quotas.charge_images(getattr(request.state, "client", "addr:"), n)
 
 
+def watch(request: Request, state: State, x: torch.Tensor, flagged: bool) -> None:
+    """One scored image into the client's query-pattern counts (serve/monitor.py)."""
+    if state.monitor is not None:
+        state.monitor.observe(getattr(request.state, "client", "addr:"), x, flagged)
+
+
 async def run(
     served: Served, request: Request, images: list[torch.Tensor | ServiceError], spec: Ask, held: Reservation
 ) -> tuple[list[Outcome], list[Job]]:

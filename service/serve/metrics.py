@@ -26,6 +26,13 @@ class Metrics:
             ["client", "quota"],
             registry=r,
         )
+        self.near_duplicates = Counter(
+            "fisherguard_client_near_duplicates",
+            "Scored images that were near-duplicates of the same client's recent ones (docs/security.md#query-patterns)",
+            ["client"],
+            registry=r,
+        )
+        self.client_flagged = Counter("fisherguard_client_flagged", "Flagged images by client", ["client"], registry=r)
         self.errors = Counter("fisherguard_errors", "Error responses and failed image slots by machine code", ["code"], registry=r)
         # per served model: a `model` label, bounded by the configured set (ModelMetrics binds it)
         self.images = Counter(

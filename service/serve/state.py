@@ -14,6 +14,7 @@ from service.serve.batcher import Batcher
 from service.serve.detector import Detector
 from service.serve.errors import ServiceError
 from service.serve.metrics import Metrics, ModelMetrics
+from service.serve.monitor import QueryMonitor
 from service.serve.quotas import Quotas
 from service.serve.settings import Settings
 from service.serve.tracing import Tracing
@@ -52,6 +53,7 @@ class State:
     tracing: Tracing = field(default_factory=Tracing)  # a no-op unless tracing is on
     tracer_provider: TracerProvider | None = None
     quotas: Quotas | None = None  # per-client quotas, when configured
+    monitor: QueryMonitor | None = None  # per-client query patterns
 
     @property
     def default(self) -> Served | None:

@@ -4,6 +4,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import torch
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
@@ -56,6 +57,9 @@ async def _detect(request: Request, state: State, model_name: str | None, q: Det
     if len(outcomes) == 1 and isinstance(outcomes[0], ServiceError):
         raise outcomes[0]
     results = [_result(state, served, i, name, o, spec) for i, ((name, _), o) in enumerate(zip(files, outcomes, strict=True))]
+    for x, r in zip(images, results, strict=True):
+        if isinstance(x, torch.Tensor) and r["status"] == "ok":
+            handler.watch(request, state, x, r["decision"]["flagged"])
     timing = {
         "queue": 1000 * max((j.started - j.enqueued for j in jobs), default=0.0),
         "compute": 1000 * max((j.compute_s for j in jobs), default=0.0),

@@ -212,6 +212,7 @@ async def _infer(request: Request, state: State, model_name: str, model_version:
         if isinstance(o, ServiceError):
             raise ServiceError(o.status, o.code, f"image {i}: {o.message}", o.retry_after)
         judged.append(handler.judge(state, served, o, spec))
+        handler.watch(request, state, images[i], judged[-1].flagged)
     columns: dict[str, tuple[str, list[Any]]] = {
         "predicted_class": ("INT64", [j.result.predicted for j in judged]),
         "is_adversarial": ("BOOL", [j.flagged for j in judged]),

@@ -1,0 +1,57 @@
+"""Query-pattern monitoring (docs/security.md#query-patterns): near-duplicate queries and flagged
+images per client, as a decision-based attack would make them."""
+
+import httpx
+import numpy as np
+import torch
+
+from service.serve.app import create_app
+from service.serve.monitor import NEAR, average_hash, hamming
+from service.serve.quotas import client_id
+from service.serve.settings import Settings
+from tests.conftest import png, serving
+from tests.test_batching import PNG
+
+
+def _walk(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """An attack's walk: n copies of x, each with its own small noise (±4/255), as 8-bit images."""
+    g = torch.Generator().manual_seed(0)
+    return [((x + (torch.rand(x.shape, generator=g) - 0.5) * 8 / 255).clamp(0, 1) * 255).round() / 255 for _ in range(n)]
+
+
+def test_the_hash_keeps_noisy_copies_together_and_digits_apart(digits) -> None:  # type: ignore[no-untyped-def]
+    x, _ = digits
+    for d in x:
+        hashes = np.array([average_hash(c) for c in _walk(d, 8)], dtype=np.uint64)
+        assert (hamming(hashes, average_hash(d)) <= NEAR).all()
+    all_digits = np.array([average_hash(d) for d in x], dtype=np.uint64)
+    distances = [int(hamming(all_digits[i + 1 :], average_hash(x[i])).min()) for i in range(len(x) - 1)]
+    assert np.median(distances) > NEAR  # different digits are mostly far apart
+
+
+def _counted(text: str, client: str) -> float:
+    line = next((s for s in text.splitlines() if s.startswith(f'fisherguard_client_near_duplicates_total{{client="{client}"}}')), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_a_walk_of_near_duplicates_is_counted_for_its_client_only(mnist, digits) -> None:  # type: ignore[no-untyped-def]
+    x, _ = digits
+    walk = _walk(x[3], 12)
+    with serving(create_app(Settings(device="cpu", api_keys="k1,k2"), bundle=mnist)) as base:
+        for img in walk:
+            assert (
+                httpx.post(base + "/v1/detect", content=png(img), headers=PNG | {"authorization": "Bearer k1"}, timeout=30).status_code
+                == 200
+            )
+        for img in x:
+            httpx.post(base + "/v1/detect", content=png(img), headers=PNG | {"authorization": "Bearer k2"}, timeout=30)
+        text = httpx.get(base + "/metrics").text
+    seen: list[int] = []
+    expected_k2 = 0
+    for img in x:  # what the monitor must have found among the 16 different digits
+        h = average_hash(img)
+        expected_k2 += bool(seen) and bool((hamming(np.array(seen, dtype=np.uint64), h) <= NEAR).any())
+        seen.append(h)
+    assert _counted(text, client_id("k1", "")) == 11  # every query after the first was a near-duplicate
+    assert _counted(text, client_id("k2", "")) == expected_k2 < 11
+    assert 'fisherguard_client_near_duplicates_total{client="anonymous"} 0.0' in text
