@@ -147,6 +147,11 @@ def open_loop(base: str, body: bytes, rate: float, seconds: float) -> dict[str, 
     """Poisson arrivals at `rate` on keep-alive connections (bench/openloop.py), latency from the scheduled time."""
     host, port = base.removeprefix("http://").split(":")
     results = openloop.loop_run(openloop.run(host, int(port), openloop.post(host, "/v1/detect", body), rate, seconds))
+    return summarise(results, rate, seconds)
+
+
+def summarise(results: list[openloop.Result], rate: float, seconds: float) -> dict[str, Any]:
+    """An open loop's answers: accepted images/s, latencies of the accepted and of the 503s, losses."""
     ok = [r.latency_s for r in results if r.status == 200]
     refused = [r.latency_s for r in results if r.status == 503]
     return {

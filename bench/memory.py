@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import environment, free_port, write
-from bench.load import start_server, stop
+from bench.load import rss_kb, start_server, stop
 from service.serve.allocator import find_jemalloc
 from service.serve.gallery import GALLERY
 
@@ -28,11 +28,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "jemalloc": {"FISHERGUARD_ALLOCATOR": "jemalloc"},
     "glibc, mmap threshold 1 MiB": {"FISHERGUARD_ALLOCATOR": "system", "MALLOC_MMAP_THRESHOLD_": "1048576"},
 }
-
-
-def rss_kb(pid: int) -> int:
-    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
-    return int(line.split()[1])
 
 
 async def one(port: int, body: bytes) -> int:

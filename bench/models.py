@@ -19,23 +19,10 @@ from typing import Any
 
 from bench import openloop
 from bench.common import environment, free_port, write
-from bench.load import pct, start_server, stop
+from bench.load import start_server, stop, summarise
 from service.serve.gallery import GALLERY
 
 MODELS = ("mnist", "cifar10")
-
-
-def summary(results: list[openloop.Result], rate: float, seconds: float) -> dict[str, Any]:
-    ok = [r.latency_s for r in results if r.status == 200]
-    return {
-        "offered_per_s": rate,
-        "sent": len(results),
-        "images_per_s": len(ok) / seconds,
-        "rate_503": sum(1 for r in results if r.status == 503) / max(len(results), 1),
-        "lost_or_failed": sum(1 for r in results if r.status not in (200, 503)),
-        "p50_ms": pct(ok, 50),
-        "p99_ms": pct(ok, 99),
-    }
 
 
 def load(port: int, rates: dict[str, float], seconds: float, seed: int) -> dict[str, dict[str, Any]]:
@@ -53,7 +40,7 @@ def load(port: int, rates: dict[str, float], seconds: float, seed: int) -> dict[
         return list(await asyncio.gather(*runs))
 
     results = openloop.loop_run(both())
-    return {m: summary(r, rates[m], seconds) for m, r in zip(rates, results, strict=True)}
+    return {m: summarise(r, rates[m], seconds) for m, r in zip(rates, results, strict=True)}
 
 
 def main() -> None:

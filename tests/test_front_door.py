@@ -4,6 +4,7 @@ paying only for what its own request asked."""
 
 import asyncio
 import io
+import json
 import socket
 import time
 from collections.abc import Sequence
@@ -58,8 +59,8 @@ def _length(data: bytes) -> int:
     return next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.startswith(b"content-length:")), 0)
 
 
-def _head(length: int, ctype: str = "image/png") -> bytes:
-    return f"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {length}\r\n\r\n".encode()
+def _head(length: int, ctype: str = "image/png", path: str = "/v1/detect") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {length}\r\n\r\n".encode()
 
 
 async def _wait_for(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -73,8 +74,16 @@ def _queued(app) -> int:  # type: ignore[no-untyped-def]
     return int(app.state.fg.batcher.occupied)
 
 
-def test_a_full_queue_is_refused_before_the_body_is_read() -> None:
-    """The request's headers announce 10 MB that never come: the answer is 503 at once, not a wait."""
+@pytest.mark.parametrize(
+    ("path", "ctype", "route"),
+    [
+        ("/v1/detect", "image/png", "/v1/detect"),
+        ("/v2/models/probe/infer", "application/json", "/v2/models/{model_name}/infer"),  # the protocol's error shape
+    ],
+)
+def test_a_full_queue_is_refused_before_the_body_is_read(path: str, ctype: str, route: str) -> None:
+    """The request's headers announce 10 MB that never come: the answer is 503 at once, not a wait;
+    its metrics label is the route template, never the model name the client sent."""
     model = Probe(delay_s=0.5)
     app = create_app(Settings(device="cpu", max_batch_size=1, max_queue_images=2), bundle=probe_bundle(model))
     with serving(app) as base:
@@ -83,7 +92,7 @@ def test_a_full_queue_is_refused_before_the_body_is_read() -> None:
         async def scenario() -> tuple[int, bytes, float]:
             tasks = await _busy(base, app, model, 3)  # one runs, two fill the queue
             t0 = time.monotonic()
-            s = _raw(host, int(port), _head(10_000_000))
+            s = _raw(host, int(port), _head(10_000_000, ctype, path))
             status, head = await asyncio.to_thread(_read_status, s)
             elapsed = time.monotonic() - t0
             s.close()
@@ -91,8 +100,12 @@ def test_a_full_queue_is_refused_before_the_body_is_read() -> None:
             return status, head, elapsed
 
         status, head, elapsed = asyncio.run(scenario())
-    assert status == 503 and b"retry-after: 1" in head.lower() and b'"overloaded"' in head
+        metrics = httpx.get(base + "/metrics").text
+    body = json.loads(head.split(b"\r\n\r\n", 1)[1])
+    code = body["code"] if path.startswith("/v2/") else body["error"]["code"]
+    assert status == 503 and b"retry-after: 1" in head.lower() and code == "overloaded"
     assert elapsed < 0.5  # before the first queued image could even have finished
+    assert f'route="{route}",status="503"' in metrics and (route == path or f'route="{path}"' not in metrics)
 
 
 def test_an_admitted_request_keeps_its_room() -> None:

@@ -5,7 +5,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,6 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
+from bench.load import rss_kb
 from service.bundle import Bundle
 from service.serve.allocator import find_jemalloc
 from service.serve.app import create_app
@@ -42,11 +42,6 @@ def test_openapi_conformance(mnist: Bundle) -> None:
                     assert response.json()["error"]["code"] in {"overloaded", "queue_timeout", "not_ready", "shutting_down"}
 
             check()
-
-
-def _rss_kb(pid: int) -> int:
-    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
-    return int(line.split()[1])
 
 
 async def _one(host: str, port: int, body: bytes, abandon: bool) -> int:
@@ -103,13 +98,13 @@ def test_soak_60000_requests_at_concurrency_64(digits) -> None:  # type: ignore[
         wait_ready(base, 120)
         bodies = [png(x[i]) for i in range(8)] + [b"not an image", png(x[0])[:50]]  # 1 in 5 is bad
         asyncio.run(_soak("127.0.0.1", port, bodies, range(2000), 64))  # warm up, then measure memory
-        rss0 = _rss_kb(proc.pid)
+        rss0 = rss_kb(proc.pid)
         before_ok = _metric(base, 'fisherguard_requests_total{route="/v1/detect",status="200"}')
         before_bad = _metric(base, 'fisherguard_requests_total{route="/v1/detect",status="400"}')
         statuses, rss = [], []  # fifteen chunks of 4000, resident memory after each
         for start in range(0, N, 4000):
             statuses += asyncio.run(_soak("127.0.0.1", port, bodies, range(start, start + 4000), 64))
-            rss.append(_rss_kb(proc.pid))
+            rss.append(rss_kb(proc.pid))
         answered = [s for s in statuses if s]
         assert len(answered) == N - N // 50  # every request not abandoned got an answer
         assert set(answered) <= {200, 400}, sorted(set(answered))

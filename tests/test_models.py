@@ -4,7 +4,6 @@ queues and admission, per-model metric series, and the settings that name them."
 import asyncio
 import dataclasses
 import io
-import time
 
 import httpx
 import numpy as np
@@ -111,9 +110,7 @@ def test_readiness_needs_every_model(mnist: Bundle, cifar10: Bundle) -> None:
     with serving(app) as base:
         assert httpx.get(base + "/readyz").status_code == 200
         app.state.fg.models["cifar10"].warmed = False
-        t0 = time.monotonic()
-        r = httpx.get(base + "/readyz")
-        assert r.status_code == 503 and time.monotonic() - t0 < 1
+        assert httpx.get(base + "/readyz").status_code == 503
         assert httpx.get(base + "/v2/health/ready").status_code == 400
         assert httpx.get(base + "/v2/models/mnist/ready").status_code == 200
         assert httpx.get(base + "/v2/models/cifar10/ready").status_code == 400

@@ -22,10 +22,10 @@ def _walk(x: torch.Tensor, n: int) -> list[torch.Tensor]:
 def test_the_hash_keeps_noisy_copies_together_and_digits_apart(digits) -> None:  # type: ignore[no-untyped-def]
     x, _ = digits
     for d in x:
-        hashes = np.array([average_hash(c) for c in _walk(d, 8)], dtype=np.uint64)
-        assert (hamming(hashes, average_hash(d)) <= NEAR).all()
-    all_digits = np.array([average_hash(d) for d in x], dtype=np.uint64)
-    distances = [int(hamming(all_digits[i + 1 :], average_hash(x[i])).min()) for i in range(len(x) - 1)]
+        hashes = np.array([average_hash(c.numpy()) for c in _walk(d, 8)], dtype=np.uint64)
+        assert (hamming(hashes, average_hash(d.numpy())) <= NEAR).all()
+    all_digits = np.array([average_hash(d.numpy()) for d in x], dtype=np.uint64)
+    distances = [int(hamming(all_digits[i + 1 :], average_hash(x[i].numpy())).min()) for i in range(len(x) - 1)]
     assert np.median(distances) > NEAR  # different digits are mostly far apart
 
 
@@ -49,7 +49,7 @@ def test_a_walk_of_near_duplicates_is_counted_for_its_client_only(mnist, digits)
     seen: list[int] = []
     expected_k2 = 0
     for img in x:  # what the monitor must have found among the 16 different digits
-        h = average_hash(img)
+        h = average_hash(img.numpy())
         expected_k2 += bool(seen) and bool((hamming(np.array(seen, dtype=np.uint64), h) <= NEAR).any())
         seen.append(h)
     assert _counted(text, client_id("k1", "")) == 11  # every query after the first was a near-duplicate

@@ -2,7 +2,6 @@
 client against a real `fisherguard serve` of both bundles on loopback, both input forms, with
 the same verdicts as /v1/detect; the wire format's edge cases; the protocol's response schemas."""
 
-import asyncio
 import base64
 import io
 import json
@@ -10,7 +9,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +23,6 @@ from service.serve.app import create_app
 from service.serve.settings import Settings
 from tests.conftest import FIXTURES, free_port, png, serving, wait_ready
 from tests.test_batching import Probe, probe_bundle
-from tests.test_front_door import _busy, _head, _raw, _read_status
 
 tritonclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -271,30 +268,6 @@ def test_keys_guard_infer_but_not_the_protocols_health(mnist) -> None:  # type: 
         r = httpx.post(base + "/v2/models/mnist/infer", json={"inputs": []})
         assert r.status_code == 401 and r.json()["code"] == "unauthorized" and isinstance(r.json()["error"], str)
         assert httpx.get(base + "/v2/models/mnist").status_code == 401
-
-
-def test_a_full_queue_refuses_infer_before_the_body_is_read() -> None:
-    model = Probe(delay_s=0.5)
-    app = create_app(Settings(device="cpu", max_batch_size=1, max_queue_images=2), bundle=probe_bundle(model))
-    with serving(app) as base:
-        host, port = base.removeprefix("http://").split(":")
-
-        async def scenario() -> tuple[int, bytes, float]:
-            tasks = await _busy(base, app, model, 3)
-            t0 = time.monotonic()
-            s = _raw(host, int(port), _head(10_000_000, "application/json").replace(b"/v1/detect", b"/v2/models/probe/infer"))
-            status, data = await asyncio.to_thread(_read_status, s)
-            elapsed = time.monotonic() - t0
-            s.close()
-            await asyncio.gather(*tasks)
-            return status, data, elapsed
-
-        status, data, elapsed = asyncio.run(scenario())
-        metrics = httpx.get(base + "/metrics").text
-    body = json.loads(data.split(b"\r\n\r\n", 1)[1])
-    assert status == 503 and b"retry-after: 1" in data.lower() and body["code"] == "overloaded" and isinstance(body["error"], str)
-    assert elapsed < 0.5
-    assert 'route="/v2/models/{model_name}/infer",status="503"' in metrics and 'route="/v2/models/probe/infer"' not in metrics
 
 
 def test_a_request_the_queue_cannot_hold_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -166,9 +166,12 @@ class Calibration:
         decision_scores). Two-sided: min(1, 2·min(p_upper, p_lower)), still valid; combined: see
         Combination. A Mondrian calibration ranks each image among the clean images of its predicted
         class (predicted: same shape as the values), so P(p ≤ α | class) ≤ α for every class."""
-        s = self.decision_statistic(t)
+        return self.statistic_p_value(self.decision_statistic(t), predicted)
+
+    def statistic_p_value(self, s: np.ndarray, predicted: np.ndarray | None = None) -> np.ndarray:
+        """The decision p-value of decision statistics s (`decision_statistic`'s values)."""
         if self.mondrian is None:
-            return self.combination.p_value(t) if self.combination else self._against(self.values[self.statistic], s)
+            return self._against(self.combination.values if self.combination else self.values[self.statistic], s)
         if predicted is None:
             raise ValueError("this calibration is class-conditional (Mondrian): the decision needs each image's predicted class")
         classes = np.broadcast_to(np.asarray(predicted), s.shape)

@@ -11,11 +11,12 @@ from service.core.calibration import Calibration
 
 @dataclass(frozen=True)
 class Verdicts:
-    """One decision per image: p_value (N,) and flagged (N,) at alpha."""
+    """One decision per image: the decision statistic (N,), its p_value (N,) and flagged (N,) at alpha."""
 
     p_value: np.ndarray
     flagged: np.ndarray
     alpha: float
+    statistic: np.ndarray
 
 
 def flag(p: np.ndarray, alpha: float) -> np.ndarray:
@@ -36,8 +37,9 @@ def rates(p: np.ndarray, alphas: Sequence[float], prefix: str) -> dict[str, floa
 def decide(cal: Calibration, t: Mapping[str, np.ndarray], alpha: float, predicted: np.ndarray | None = None) -> Verdicts:
     """The bundle's verdict for thresholded scores t (name -> (N,); at least the decision's scores) of
     images predicted as `predicted` (N,) (needed by a class-conditional calibration)."""
-    p = cal.decision_p_value(t, predicted)
-    return Verdicts(p, flag(p, alpha), alpha)
+    s = cal.decision_statistic(t)
+    p = cal.statistic_p_value(s, predicted)
+    return Verdicts(p, flag(p, alpha), alpha, s)
 
 
 def score_p_values(cal: Calibration, t: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

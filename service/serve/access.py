@@ -25,18 +25,19 @@ PAGE_CSP = (
 )
 
 
-def matched_key(header: str | None, keys: list[str]) -> str | None:
+def digests(keys: list[str]) -> dict[str, bytes]:
+    """Each configured key's SHA-256 digest, computed once."""
+    return {k: hashlib.sha256(k.encode()).digest() for k in keys}
+
+
+def matched_key(header: str | None, keys: dict[str, bytes]) -> str | None:
     """The configured key that `Bearer <key>` names, compared in constant time: SHA-256 digests
     (equal lengths, so not even the key's length leaks), every key compared (no early exit)."""
     if not header or not header.startswith("Bearer "):
         return None
     given = hashlib.sha256(header[len("Bearer ") :].encode()).digest()
-    hits = [k for k in keys if hmac.compare_digest(given, hashlib.sha256(k.encode()).digest())]
+    hits = [k for k, digest in keys.items() if hmac.compare_digest(given, digest)]
     return hits[0] if hits else None
-
-
-def key_ok(header: str | None, keys: list[str]) -> bool:
-    return matched_key(header, keys) is not None
 
 
 def _error(status: int, code: str, message: str, request_id: str, path: str) -> tuple[Message, Message]:
@@ -49,7 +50,7 @@ def _error(status: int, code: str, message: str, request_id: str, path: str) -> 
 
 class AccessControl:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app, self.settings, self.keys, self.verdict_keys = app, settings, settings.keys(), set(settings.verdict_keys())
+        self.app, self.settings, self.keys, self.verdict_keys = app, settings, digests(settings.keys()), set(settings.verdict_keys())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -37,8 +37,7 @@ def create_app(
         description="Fisher-information detection of adversarial images, with conformal false-positive control.",
         lifespan=lifespan_for(settings, bundle),
     )
-    quotas = Quotas(settings, metrics)
-    app.state.fg = State(settings, metrics, quotas=quotas if quotas.active else None, monitor=QueryMonitor(metrics))
+    app.state.fg = State(settings, metrics, quotas=Quotas.configured(settings, metrics), monitor=QueryMonitor(metrics))
     for router in ROUTERS:
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

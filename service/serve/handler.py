@@ -102,7 +102,7 @@ def charge_images(request: Request, state: State, n: int) -> None:
 def watch(request: Request, state: State, x: torch.Tensor, flagged: bool) -> None:
     """One scored image into the client's query-pattern counts (serve/monitor.py)."""
     if state.monitor is not None:
-        state.monitor.observe(getattr(request.state, "client", "addr:"), x, flagged)
+        state.monitor.observe(getattr(request.state, "client", "addr:"), x.numpy(), flagged)
 
 
 async def run(
@@ -148,8 +148,7 @@ def judge(state: State, served: Served, result: ImageResult, spec: Ask) -> Judge
     cal = served.bundle.calibration
     t = thresholded_all(result.scores)
     verdict = decision.decide(cal, {k: t[k].reshape(1) for k in cal.decision_scores}, spec.alpha, np.array([result.predicted]))
-    p, flagged = float(verdict.p_value[0]), bool(verdict.flagged[0])
-    statistic = float(cal.decision_statistic({k: t[k].reshape(1) for k in cal.decision_scores})[0])
+    p, flagged, statistic = float(verdict.p_value[0]), bool(verdict.flagged[0]), float(verdict.statistic[0])
     served.metrics.p_value.observe(p)
     if flagged:
         served.metrics.flagged.inc()

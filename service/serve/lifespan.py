@@ -66,6 +66,19 @@ def serve_one(state: State, bundle: Bundle) -> Served:
     return Served(bundle, batcher, metrics, detector)
 
 
+async def bring_up(state: State, bundle: Bundle) -> Served:
+    """A served model for the bundle, warmed up on its own engine thread; its batcher not started yet.
+    A warm-up that fails shuts the engine thread down and raises."""
+    served = serve_one(state, bundle)
+    try:
+        await asyncio.get_running_loop().run_in_executor(served.batcher.executor, warm_up, served.detector, bundle)
+    except BaseException:
+        served.batcher.executor.shutdown(wait=False)
+        raise
+    served.warmed = True
+    return served
+
+
 def lifespan_for(settings: Settings, bundle: Bundle | list[Bundle] | None) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,9 +87,7 @@ def lifespan_for(settings: Settings, bundle: Bundle | list[Bundle] | None) -> Ca
             torch.set_num_threads(settings.torch_threads)
         state.device = pick_device(settings.device)
         for b in bundles(settings, state.device, bundle):
-            served = state.models[b.name] = serve_one(state, b)
-            await asyncio.get_running_loop().run_in_executor(served.batcher.executor, warm_up, served.detector, b)  # on its engine thread
-            served.warmed = True
+            served = state.models[b.name] = await bring_up(state, b)
             served.metrics.info.info({"name": b.name, "version": str(b.card["version"]), "device": state.device})
         gc.freeze()  # what start-up built lives for the process: keep it out of every later collection (whole-heap pauses of ~100 ms)
         for served in state.models.values():

@@ -145,12 +145,11 @@ def parse_tensor(spec: dict[str, Any], rest: memoryview, at: int) -> tuple[Tenso
                 raise bad_request(f"input {name!r}: {len(buf)} bytes of {datatype} do not make shape {list(shape)}")
             data = np.frombuffer(buf, dtype=dtype).reshape(shape)
     elif "data" in spec:
-        flat = _flat(spec["data"])
         if datatype == "BYTES":
-            data = _json_bytes(flat, name)
+            data = _json_bytes(_flat(spec["data"]), name)
         else:
-            try:
-                data = np.asarray(flat, dtype=NUMPY[datatype])
+            try:  # flat or nested, row-major
+                data = np.asarray(spec["data"], dtype=NUMPY[datatype]).reshape(-1)
             except (TypeError, ValueError, OverflowError) as e:
                 raise bad_request(f"input {name!r}: data is not {datatype}: {e}") from None
             if data.size != size:

@@ -26,15 +26,15 @@ def metric_label(client: str) -> str:
 
 
 class Quotas:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.requests = _parse(settings.request_quota, "request_quota")
-        self.images = _parse(settings.image_quota, "image_quota")
-        self.limiter = strategies.SlidingWindowCounterRateLimiter(storage.storage_from_string(settings.quota_storage))
-        self.metrics = metrics
+    def __init__(self, requests: RateLimitItem | None, images: RateLimitItem | None, storage_uri: str, metrics: Metrics) -> None:
+        self.requests, self.images, self.metrics = requests, images, metrics
+        self.limiter = strategies.SlidingWindowCounterRateLimiter(storage.storage_from_string(storage_uri))
 
-    @property
-    def active(self) -> bool:
-        return self.requests is not None or self.images is not None
+    @classmethod
+    def configured(cls, settings: Settings, metrics: Metrics) -> "Quotas | None":
+        """The settings' quotas, or None when none is set (no counters, no storage)."""
+        requests, images = _parse(settings.request_quota, "request_quota"), _parse(settings.image_quota, "image_quota")
+        return cls(requests, images, settings.quota_storage, metrics) if requests or images else None
 
     def charge_request(self, client: str) -> None:
         self._charge(self.requests, "requests", client, 1)

@@ -10,7 +10,7 @@ import time
 
 from service.core.bundle import BundleError, reload_bundle
 from service.serve.errors import ServiceError
-from service.serve.lifespan import calibrated, serve_one, warm_up
+from service.serve.lifespan import bring_up, calibrated
 from service.serve.state import Served, State
 
 log = logging.getLogger("fisherguard")
@@ -29,13 +29,10 @@ async def reload(state: State, name: str) -> tuple[Served, Served, float]:
             bundle = await asyncio.to_thread(lambda: calibrated(reload_bundle(old.bundle, network)))
         except (BundleError, RuntimeError, OSError, ValueError) as e:
             raise _failed(old, e) from None
-        new = serve_one(state, bundle)
         try:
-            await loop.run_in_executor(new.batcher.executor, warm_up, new.detector, bundle)
+            new = await bring_up(state, bundle)
         except Exception as e:  # noqa: BLE001 - whatever the new weights do, the old version keeps serving
-            new.batcher.executor.shutdown(wait=False)
             raise _failed(old, e) from None
-        new.warmed = True
         new.batcher.start()
         state.models[name] = new  # the swap: admissions from now on reserve on the new batcher
         new.metrics.info.info({"name": name, "version": str(bundle.card["version"]), "device": state.device})

@@ -54,9 +54,14 @@ async def uploads(request: Request, settings: Settings) -> list[Upload]:
         files: list[Upload] = [(None, body)]
     else:
         files = await _multipart(request, body, settings)
-    if len(files) > settings.max_images_per_request:
-        raise ServiceError(413, "payload_too_large", f"{len(files)} images, the limit is {settings.max_images_per_request} per request")
+    check_count(len(files), settings)
     return files
+
+
+def check_count(n: int, settings: Settings) -> None:
+    """413 for a request of more images than `max_images_per_request`."""
+    if n > settings.max_images_per_request:
+        raise ServiceError(413, "payload_too_large", f"{n} images, the limit is {settings.max_images_per_request} per request")
 
 
 async def _multipart(request: Request, body: bytes, settings: Settings) -> list[Upload]:

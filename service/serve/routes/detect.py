@@ -76,25 +76,16 @@ def _result(state: State, served: Served, index: int, filename: str | None, outc
     j = handler.judge(state, served, outcome, spec)
     cal = served.bundle.calibration
     assert cal is not None
+    label = served.bundle.classes[outcome.predicted]
+    verdict = {"index": index, "filename": filename, "status": "ok", "predicted_class": outcome.predicted, "label": label}
+    decided = {"statistic": cal.statistic, "tail": cal.tail}
     if not spec.full:  # the verdict only: nothing continuous (docs/security.md#disclosure)
-        return {
-            "index": index,
-            "filename": filename,
-            "status": "ok",
-            "predicted_class": outcome.predicted,
-            "label": served.bundle.classes[outcome.predicted],
-            "decision": {"statistic": cal.statistic, "tail": cal.tail, "alpha": spec.alpha, "flagged": j.flagged},
-        }
-    return {
-        "index": index,
-        "filename": filename,
-        "status": "ok",
-        "predicted_class": outcome.predicted,
-        "label": served.bundle.classes[outcome.predicted],
+        return verdict | {"decision": decided | {"alpha": spec.alpha, "flagged": j.flagged}}
+    return verdict | {
         "confidence": outcome.confidence,
         "scores": j.scores,
         "p_values": j.p_values,
-        "decision": {"statistic": cal.statistic, "tail": cal.tail}
+        "decision": decided
         | ({"components": cal.components} if cal.combination else {})
         | {"p_value": j.p_value, "alpha": spec.alpha, "flagged": j.flagged},
         "heatmaps": {k: heatmap_png.encode(v) for k, v in outcome.heatmaps.items()},

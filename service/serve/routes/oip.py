@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.core.bundle import Bundle
@@ -16,7 +17,7 @@ from service.serve.errors import ServiceError, bad_request
 from service.serve.oip import Tensor
 from service.serve.schemas import OIP_BOOLEAN, OIP_ERRORS, OIP_INFER, OIP_INFERRED, OipModelMetadata, OipServerMetadata
 from service.serve.state import Served, State, StateDep
-from service.serve.uploads import decode_all, read_body
+from service.serve.uploads import check_count, decode_all, read_body
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 OUTPUTS = {  # name -> (datatype, shown only when details are exposed)
@@ -135,15 +136,13 @@ def _outputs(request: oip.InferRequest, shown: bool, bundle: Bundle) -> list[oip
     return request.outputs
 
 
-def _pixels(t: Tensor, bundle: Bundle, limit: int) -> list[torch.Tensor]:
+def _pixels(t: Tensor, bundle: Bundle) -> list[torch.Tensor]:
     """FP32 in [0, 1] or UINT8 [N, C, H, W] in the card's layout -> N tensors (C, H, W)."""
     c, h, w = bundle.input_shape
     if t.datatype not in ("FP32", "UINT8"):
         raise bad_request(f"input {PIXELS!r}: datatype {t.datatype} is not FP32 or UINT8")
     if len(t.shape) != 4 or t.shape[1:] != (c, h, w) or t.shape[0] == 0:
         raise bad_request(f"input {PIXELS!r}: shape {list(t.shape)} is not [N, {c}, {h}, {w}] with N >= 1 ({bundle.name}'s input)")
-    if t.shape[0] > limit:
-        raise ServiceError(413, "payload_too_large", f"{t.shape[0]} images, the limit is {limit} per request")
     assert isinstance(t.data, np.ndarray)
     x = torch.from_numpy(np.array(t.data, dtype=np.float32))
     if t.datatype == "UINT8":
@@ -154,18 +153,17 @@ def _pixels(t: Tensor, bundle: Bundle, limit: int) -> list[torch.Tensor]:
 
 
 async def _images(t: Tensor, state: State, bundle: Bundle) -> list[torch.Tensor]:
-    """The request's one input tensor as images (C, H, W); any bad image refuses the request, naming it."""
+    """The request's one input tensor as images (C, H, W), converted or decoded in the threadpool (the
+    event loop runs no tensor work); any bad image refuses the request, naming it."""
     s = state.settings
     if t.name == PIXELS:
-        return _pixels(t, bundle, s.max_images_per_request)
+        return await run_in_threadpool(_pixels, t, bundle)
     if t.name != IMAGES:
         raise bad_request(f"unknown input {t.name!r}; send one of {[IMAGES, PIXELS]}")
     if t.datatype != "BYTES" or not isinstance(t.data, list):
         raise bad_request(f"input {IMAGES!r}: datatype {t.datatype} is not BYTES (encoded image files)")
     if not t.data:
         raise bad_request(f"input {IMAGES!r} holds no images")
-    if len(t.data) > s.max_images_per_request:
-        raise ServiceError(413, "payload_too_large", f"{len(t.data)} images, the limit is {s.max_images_per_request} per request")
     decoded = await decode_all([(None, b) for b in t.data], bundle, s)
     for i, x in enumerate(decoded):
         if isinstance(x, ServiceError):
@@ -193,7 +191,7 @@ async def _infer(request: Request, state: State, model_name: str, model_version:
     bundle = _at_version(served, model_version).bundle
     state.check_ready()
     body = await read_body(request, state.settings.max_body_bytes, state.settings.body_timeout_ms)
-    req = oip.parse_request(body, request.headers.get(oip.HEADER))
+    req = await run_in_threadpool(oip.parse_request, body, request.headers.get(oip.HEADER))  # JSON and arrays: off the event loop
     if len(req.inputs) != 1:
         raise bad_request(f"send exactly one input ({IMAGES!r} or {PIXELS!r}), got {[t.name for t in req.inputs]}")
     full = handler.shows_details(request, state)
@@ -201,8 +199,9 @@ async def _infer(request: Request, state: State, model_name: str, model_version:
     scores = ",".join(o.name for o in wanted if o.name in bundle.scores) or None
     spec = handler.ask(state, served, scores, None, _alpha(req.parameters), _timeout_ms(req.parameters), t0, full=full)
     n = len(req.inputs[0].data)
-    if 0 < n <= state.settings.max_images_per_request:
-        handler.charge_images(request, state, n)
+    check_count(n, state.settings)
+    handler.charge_images(request, state, n)
+    if n > held.images:
         held.extend(n - held.images)  # before decoding: a request the queue cannot take is refused now
     with state.tracing.span("decode", images=n):
         images = await _images(req.inputs[0], state, bundle)
