@@ -13,6 +13,7 @@ from service.core.bundle import Bundle
 from service.serve import tracing
 from service.serve.access import AccessControl
 from service.serve.admission import Admission
+from service.serve.connections import ClientConcurrency
 from service.serve.errors import install_handlers
 from service.serve.gallery import STATIC
 from service.serve.lifespan import lifespan_for
@@ -51,6 +52,8 @@ def create_app(
             allow_headers=["authorization", "content-type", "x-request-id"],
         )
     app.add_middleware(AccessControl, settings=settings)
+    if settings.per_address_concurrency is not None:
+        app.add_middleware(ClientConcurrency, settings=settings, metrics=metrics)  # before authentication: floods cost nothing
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 401s too
     install_handlers(app, metrics)
     if settings.keys():

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     )
     request_quota: str | None = Field(None, description="detect/infer requests per client (API key, else address), e.g. '50/second'")
     image_quota: str | None = Field(None, description="images per client (API key, else address), e.g. '200/second'")
+    per_address_concurrency: int | None = Field(
+        None, ge=1, description="requests one client address may have in flight (probes, metrics and the page not counted); more: 429"
+    )
     quota_storage: str = Field("memory://", description="where quotas count: this process, or a `limits` storage such as redis://host:6379")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     expose_details: bool = Field(
