@@ -45,7 +45,7 @@ def main() -> None:
     a = ap.parse_args()
     bundle = load_bundle(a.model)
     model = bundle.model.eval()
-    data = load_dataset(a.data, "calibration", bundle.classes, bundle.input_shape)
+    data = load_dataset(a.data, "calibration", bundle.classes, bundle.input)
     ok = predict(model, data.x) == data.y
     x, y = data.x[ok], data.y[ok]
     fit = Mahalanobis.fit(model, *load_train_subset(a.data, a.train_subset), taps=stage_outputs(model, x))

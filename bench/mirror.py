@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     bundle = load_bundle(a.model)
-    data = load_dataset(a.data, "all", bundle.classes, bundle.input_shape)
+    data = load_dataset(a.data, "all", bundle.classes, bundle.input)
     with torch.no_grad():
         z = cat_batches(bundle.model, data.x, batch=500)  # (N, K)
         zf = cat_batches(lambda xb: bundle.model(xb.flip(-1)), data.x, batch=500)  # (N, K)

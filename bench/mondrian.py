@@ -40,7 +40,7 @@ def statistic(scores: Path, model: str) -> tuple[np.ndarray, np.ndarray, str]:
     with np.load(scores) as z:
         clean = {s: z[f"clean/{s}"] for s in cal.decision_scores}
         margin = z["clean/margin"]
-    data = load_dataset(Path("../shared/data") / bundle.card["training_data"]["file"], "calibration-b", bundle.classes, bundle.input_shape)
+    data = load_dataset(Path("../shared/data") / bundle.card["training_data"]["file"], "calibration-b", bundle.classes, bundle.input)
     with torch.no_grad():
         z_all = torch.cat([bundle.model(data.x[i : i + 500]) for i in range(0, len(data.y), 500)])
     keep = (z_all.argmax(1) == data.y).numpy()

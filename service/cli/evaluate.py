@@ -36,7 +36,7 @@ def run(a: argparse.Namespace) -> int:
 
     bundle = common.bundle(a)
     path = a.data or common.default_data(bundle.card)
-    data = load_dataset(path, a.split, bundle.classes, bundle.input_shape)
+    data = load_dataset(path, a.split, bundle.classes, bundle.input)
     extra = extra_detectors(bundle, [b for b in a.baselines.split(",") if b], path, a.train_subset, a.split)
     attacks = [parse_attack(s, bundle) for s in a.attacks.split(",")]
     result = evaluate(bundle, data, attacks, a.limit, batch_size=a.batch_size, progress=sys.stderr.isatty(), extra=extra)

@@ -20,7 +20,7 @@ def run(a: argparse.Namespace) -> int:
     from service.lab.examples import make_gallery
 
     bundle = common.bundle(a)
-    data = load_dataset(a.data or common.default_data(bundle.card), "evaluation", bundle.classes, bundle.input_shape)
+    data = load_dataset(a.data or common.default_data(bundle.card), "evaluation", bundle.classes, bundle.input)
     entries = make_gallery(bundle, data, a.eps, a.n)
     print(f"wrote {len(entries)} gallery images for {bundle.name}")
     return 0

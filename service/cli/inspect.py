@@ -27,7 +27,7 @@ def run(a: argparse.Namespace) -> int:
     reports = []
     for name in a.model or ["mnist"]:
         bundle = common.bundle(a, name)
-        data = load_dataset(a.data or common.default_data(bundle.card), a.split, bundle.classes, bundle.input_shape)
+        data = load_dataset(a.data or common.default_data(bundle.card), a.split, bundle.classes, bundle.input)
         reports.append(inspection.inspect(bundle, seeded_subset(data, a.limit), a.batch_size, progress=sys.stderr.isatty()))
     inspection.write(reports, a.out)
     print(inspection.markdown(reports))

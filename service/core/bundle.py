@@ -19,6 +19,8 @@ from service.core.baselines import Mahalanobis, available
 from service.core.calibration import Calibration
 from service.core.learned import SCORES as LEARNED
 from service.core.learned import LearnedDetector
+from service.core.preprocess import Input, wrap
+from service.core.preprocess import network as network_of
 from service.core.scores import ENGINE, SCORES, ScoreSpec
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models"
@@ -54,9 +56,13 @@ class Bundle:
         return list(self.card["classes"])
 
     @property
+    def input(self) -> Input:
+        """The card's input: size, resizing, normalisation (docs/bundles.md#input)."""
+        return Input.from_card(self.card["input"])
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
-        i = self.card["input"]
-        return int(i["channels"]), int(i["height"]), int(i["width"])
+        return self.input.shape
 
 
 def sha256_file(path: Path) -> str:
@@ -121,10 +127,30 @@ def read_weights(root: Path, card: dict[str, Any]) -> tuple[dict[str, torch.Tens
 
 
 def load_model(root: Path, card: dict[str, Any]) -> tuple[nn.Module, str]:
+    """The card's network with model.safetensors in it, behind the card's normalisation."""
+    try:
+        spec = Input.from_card(card["input"])
+    except ValueError as e:
+        raise BundleError(f"card.json of {root}: {e}") from None
     state, digest = read_weights(root, card)
-    model = _factory(str(card["architecture"]), root)()
-    model.load_state_dict(state, strict=True)
-    return model.eval(), digest
+    net = build(card, root)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BundleError(f"model.safetensors of {root} does not fit {card['architecture']!r}: {e}") from None
+    return wrap(net, spec).eval(), digest
+
+
+def build(card: dict[str, Any], root: Path) -> nn.Module:
+    """The card's architecture, built: factory(*architecture_args, **architecture_kwargs)."""
+    factory = _factory(str(card["architecture"]), root)
+    args, kwargs = card.get("architecture_args", []), card.get("architecture_kwargs", {})
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise BundleError(f"card.json of {root}: architecture_args must be a list and architecture_kwargs an object")
+    net = factory(*args, **kwargs)
+    if not isinstance(net, nn.Module):
+        raise BundleError(f"architecture {card['architecture']!r} returned {type(net).__name__}, not an nn.Module")
+    return net
 
 
 def _tied(path: Path, made_for: str, digest: str, remedy: str) -> None:
@@ -154,7 +180,13 @@ def load_bundle(name_or_path: str | Path, device: str | torch.device = "cpu") ->
     )
 
 
-RELOAD_FIXED = ("name", "architecture", "input")  # what a reload cannot change: routes, code and shapes depend on them
+RELOAD_FIXED = (
+    "name",
+    "architecture",
+    "architecture_args",
+    "architecture_kwargs",
+    "input",
+)  # what a reload cannot change: routes, code and shapes depend on them
 
 
 def reload_bundle(served: Bundle, network: nn.Module) -> Bundle:
@@ -163,14 +195,14 @@ def reload_bundle(served: Bundle, network: nn.Module) -> Bundle:
     is reused, never imported anew. A card that changes name, architecture or input is refused."""
     root = served.path
     card = read_card(root)
-    changed = [k for k in RELOAD_FIXED if card[k] != served.card[k]]
+    changed = [k for k in RELOAD_FIXED if card.get(k) != served.card.get(k)]
     if changed:
         raise BundleError(
             f"card.json of {root} changes {changed} ({[served.card[k] for k in changed]} -> {[card[k] for k in changed]}); only a restart serves another architecture"
         )
     state, digest = read_weights(root, card)
     try:
-        network.load_state_dict(state, strict=True)
+        network_of(network).load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise BundleError(f"model.safetensors of {root} does not fit the served architecture: {e}") from None
     for p in network.parameters():

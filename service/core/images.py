@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.core.preprocess import Input, fit
+
 
 class ImageError(ValueError):
     """An image that cannot be used, with a machine-readable code: `bad_image`, `payload_too_large`
@@ -21,7 +23,6 @@ def bad_image(message: str) -> ImageError:
 
 
 FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"}
-RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -62,25 +63,24 @@ def pixels(img: Image.Image) -> int:
     return int(img.size[0]) * int(img.size[1])
 
 
-def decode(data: bytes, channels: int, height: int, width: int, resize: str, background: int, max_pixels: int) -> torch.Tensor:
-    """Bytes -> (channels, height, width) float32 in [0, 1]. Other sizes are resized (or rejected
-    when the card says resize: "reject")."""
-    return to_tensor(open_image(data, max_pixels), channels, height, width, resize, background)
+def decode(data: bytes, spec: Input, max_pixels: int) -> torch.Tensor:
+    """Bytes -> the card's (channels, height, width) float32 in [0, 1] (service.core.preprocess)."""
+    return to_tensor(open_image(data, max_pixels), spec)
 
 
-def to_tensor(img: Image.Image, channels: int, height: int, width: int, resize: str, background: int) -> torch.Tensor:
-    """An opened image decoded, converted and resized to the card's input. -> (channels, height, width)."""
+def to_tensor(img: Image.Image, spec: Input) -> torch.Tensor:
+    """An opened image decoded, converted and brought to the card's input. -> (channels, height, width)."""
     try:
         img.seek(0)
-        img = _to_mode(img, channels, background)
+        img = _to_mode(img, spec.channels, spec.background)
     except (OSError, ValueError, SyntaxError) as e:
         raise bad_image(f"cannot decode the image: {e}") from None
-    if img.size != (width, height):
-        if resize == "reject":
-            raise bad_image(f"image is {img.size[0]}x{img.size[1]}, the model takes {width}x{height}")
-        img = img.resize((width, height), RESAMPLE[resize], reducing_gap=3.0)
+    try:
+        img = fit(img, spec)
+    except ValueError as e:  # another size under resize: "reject"
+        raise bad_image(str(e)) from None
     arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
-    t = torch.from_numpy(arr.reshape(height, width, channels)).permute(2, 0, 1).contiguous()
+    t = torch.from_numpy(arr.reshape(spec.height, spec.width, spec.channels)).permute(2, 0, 1).contiguous()
     if not torch.isfinite(t).all():
         raise bad_image("preprocessing produced non-finite values")
     return t

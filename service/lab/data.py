@@ -11,7 +11,9 @@ from PIL import Image
 
 from service.core.bundle import sha256_file
 from service.core.images import decode
+from service.core.preprocess import Input
 from service.core.splits import split_indices
+from service.lab import folders
 
 
 @dataclass
@@ -54,26 +56,23 @@ def load_train_subset(path: Path, n: int, seed: int = 0) -> tuple[torch.Tensor, 
     return _from_npz(path, "train", np.sort(np.random.default_rng(seed).choice(total, min(n, total), replace=False)))
 
 
-def _from_folder(
-    path: Path, classes: list[str], shape: tuple[int, int, int], resize: str, background: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DIR/<class name>/<image files>; class names as in the bundle card."""
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((path / name).glob("*")) if (path / name).is_dir() else []:
-            xs.append(decode(f.read_bytes(), *shape, resize, background, 1 << 26))
-            ys.append(label)
-    if not xs:
-        raise ValueError(f"{path}: no images found in class folders {classes}")
-    return torch.stack(xs), torch.tensor(ys)
+def _from_folder(path: Path, classes: list[str], spec: Input) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIR/<class name>/<image files>, listed as service.lab.folders lists them (so that every command
+    splits a folder alike), all decoded into memory."""
+    folder = folders.scan(path, classes)
+    if folder.labels is None:
+        raise ValueError(f"{path}: a flat folder has no labels; this command needs class folders named as the card's classes")
+    xs = [decode((path / f).read_bytes(), spec, folders.MAX_PIXELS) for f in folder.files]
+    return torch.stack(xs), torch.tensor(folder.labels)
 
 
-def load_dataset(
-    path: Path, split: str, classes: list[str], shape: tuple[int, int, int], resize: str = "bilinear", background: int = 0
-) -> Dataset:
-    """Loads the test images of an npz file or a class-folder tree and takes one half of the seeded split."""
+def load_dataset(path: Path, split: str, classes: list[str], spec: Input | tuple[int, int, int]) -> Dataset:
+    """Loads the test images of an npz file or a class-folder tree (decoded as the card's input says)
+    and takes one half of the seeded split."""
+    spec = spec if isinstance(spec, Input) else Input(*spec)
+    shape = spec.shape
     if path.is_dir():
-        x, y = _from_folder(path, classes, shape, resize, background)
+        x, y = _from_folder(path, classes, spec)
         digest = "folder"
     else:
         x, y = _from_npz(path)

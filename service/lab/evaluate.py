@@ -56,7 +56,7 @@ def extra_detectors(bundle: Bundle, names: Sequence[str], data: Path, train_subs
     fit = bundle.mahalanobis
     if any(n.startswith("mahalanobis") for n in missing):
         fit = Mahalanobis.fit(bundle.model, *load_train_subset(data, train_subset))
-    half = load_dataset(data, "calibration", bundle.classes, bundle.input_shape) if split == "evaluation" else None
+    half = load_dataset(data, "calibration", bundle.classes, bundle.input) if split == "evaluation" else None
     return Extra(dataclasses.replace(bundle, mahalanobis=fit), missing, half)
 
 

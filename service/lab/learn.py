@@ -258,7 +258,7 @@ def collect(
     """Attacks and controls on seeded subsets of parts A (`limit` images) and B (`validate_limit`), and
     every image's features (cached)."""
     t0 = time.time()
-    parts = {p: correct(bundle, load_dataset(data, f"calibration-{p}", bundle.classes, bundle.input_shape)) for p in ("a", "b")}
+    parts = {p: correct(bundle, load_dataset(data, f"calibration-{p}", bundle.classes, bundle.input)) for p in ("a", "b")}
     specs = [parse_attack(s, bundle) for s in (*attack_specs, *control_specs)]
     bad = [s.name for s in specs[: len(attack_specs)] if s.control] + [s.name for s in specs[len(attack_specs) :] if not s.control]
     if bad:

@@ -90,13 +90,11 @@ def _decode_all(files: list[Upload], bundle: Bundle, settings: Settings) -> list
         raise ServiceError(
             413, "payload_too_large", f"the request's images claim {total} pixels together, the limit is {settings.max_request_pixels}"
         )
-    c, h, w = bundle.input_shape
-    spec = bundle.card["input"]
-    resize, background = spec.get("resize", "bilinear"), int(spec.get("background", 0))
+    spec = bundle.input
     out: list[torch.Tensor | ServiceError] = []
     for img in opened:
         try:
-            out.append(to_tensor(img, c, h, w, resize, background) if isinstance(img, Image.Image) else img)
+            out.append(to_tensor(img, spec) if isinstance(img, Image.Image) else img)
         except ImageError as e:
             out.append(from_image_error(e))
     return out
