@@ -4,9 +4,9 @@ calling the library. Subcommands import the laboratory lazily, so `fisherguard s
 import argparse
 import sys
 
-from service.cli import calibrate, evaluate, examples, fit_detector, inspect, serve, train
+from service.cli import bundle, calibrate, evaluate, examples, fit_detector, inspect, serve, train
 
-COMMANDS = (serve, calibrate, evaluate, examples, train, inspect, fit_detector)
+COMMANDS = (serve, bundle, calibrate, evaluate, examples, train, inspect, fit_detector)
 
 
 def parser() -> argparse.ArgumentParser:

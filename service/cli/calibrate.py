@@ -12,7 +12,12 @@ from service.core.splits import SPLITS
 def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     c = sub.add_parser("calibrate", help="write calibration.json from clean data")
     c.add_argument("--model", default="mnist")
-    c.add_argument("--data", type=Path, help="npz file or class-folder directory (default ../shared/data/<card's file>)")
+    c.add_argument(
+        "--data",
+        type=Path,
+        help="npz file, class-folder directory or flat folder of unlabelled images (default ../shared/data/<card's file>); "
+        "folders are scored in batches with a checkpoint, and a stopped run resumes",
+    )
     c.add_argument("--split", default="calibration", choices=SPLITS)
     c.add_argument("--alpha", type=float, default=0.01)
     c.add_argument(
@@ -47,6 +52,13 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
         help="class-conditional: rank each image among the clean images of its predicted class, so the false-positive "
         "guarantee holds within every class (needs enough clean images per class for the α in use)",
     )
+    c.add_argument("--only", metavar="SCORES", help="comma list: calibrate only these scores (and the decision's), not every one")
+    c.add_argument(
+        "--top-classes",
+        type=int,
+        metavar="M",
+        help="sum the Fisher scores over the M most probable classes only (the neglected mass is reported); for large K",
+    )
     c.add_argument("--out", type=Path, help="default: <bundle>/calibration.json")
     c.add_argument("--batch-size", type=int, default=64)
     common.add_device(c)
@@ -63,7 +75,9 @@ def run(a: argparse.Namespace) -> int:
     if a.fit_mahalanobis:
         calibrate.fit_mahalanobis(bundle, a.train_data or data, a.fit_mahalanobis, a.mahalanobis_layers)
     spec = calibrate.decision_spec(bundle, a.statistic, a.tail, a.components)
-    cal = calibrate.run(bundle, data, a.split, a.alpha, spec, a.batch_size, sys.stderr.isatty(), a.scores, a.mondrian)
+    options = {"top_classes": a.top_classes} if a.top_classes else None
+    names = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else None
+    cal = calibrate.run(bundle, data, a.split, a.alpha, spec, a.batch_size, sys.stderr.isatty(), a.scores, a.mondrian, options, names)
     out = a.out or bundle.path / "calibration.json"
     cal.save(out)
     print(

@@ -13,6 +13,7 @@ from service.core.baselines import Mahalanobis
 from service.core.bundle import Bundle
 from service.core.calibration import COMBINED, Calibration, Combination, Component, mondrian_references
 from service.core.scoring import predict, score_dataset
+from service.lab import folders
 from service.lab.data import Dataset, load_dataset, load_train_subset
 
 DEFAULT_OPTIONS: dict[str, Any] = {"noise_sigma": 0.1, "noise_samples": 16}
@@ -40,32 +41,107 @@ def calibrate(
     options: dict[str, Any] | None = None,
     components: Sequence[Component] = (),
     mondrian: bool = False,
+    names: Sequence[str] | None = None,
 ) -> Calibration:
-    """Scores every clean image the model classifies correctly; keeps the sorted values per score.
-    statistic "combined" fits a Combination of `components` on two seeded halves of those images;
-    mondrian adds the decision's references per class."""
+    """Scores every clean image the model classifies correctly; keeps the sorted values per score
+    (`names`, default every score of the bundle). statistic "combined" fits a Combination of
+    `components` on two seeded halves of those images; mondrian adds the decision's references per class."""
     _check_decision(statistic, components, set(bundle.scores))
     opts = {**DEFAULT_OPTIONS, **(options or {})}
-    values, pred = score_dataset(bundle, data.x, list(bundle.scores), batch_size, progress, opts)
-    correct = pred == data.y.numpy()
-    combination = Combination.fit(components, {k: v[correct] for k, v in values.items()}) if components else None
+    values, pred = score_dataset(bundle, data.x, scored_names(bundle, names, statistic, components), batch_size, progress, opts)
+    labels = data.y.numpy()
+    correct = pred == labels
+    meta = {"description": data.description + ", correctly classified images only", "sha256": data.sha256, "images": len(labels)}
+    return from_values(bundle, values, labels, correct, meta, alpha, statistic, tail, opts, components, mondrian)
+
+
+def scored_names(bundle: Bundle, names: Sequence[str] | None, statistic: str, components: Sequence[Component]) -> list[str]:
+    """The scores a calibration keeps: `names` (at least the decision's) or every score of the bundle."""
+    if names is None:
+        return list(bundle.scores)
+    unknown = [n for n in names if n not in bundle.scores]
+    if unknown:
+        raise ValueError(f"this bundle cannot compute {unknown}; it has {sorted(bundle.scores)}")
+    decision = [c.score for c in components] if statistic == COMBINED else [statistic]
+    return list(dict.fromkeys([*names, *decision]))
+
+
+def from_values(
+    bundle: Bundle,
+    values: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    keep: np.ndarray,
+    meta: dict[str, Any],
+    alpha: float,
+    statistic: str,
+    tail: str,
+    opts: Mapping[str, Any],
+    components: Sequence[Component] = (),
+    mondrian: bool = False,
+) -> Calibration:
+    """A calibration from per-image thresholded values (n,), the images' labels (n,) and which of them
+    to keep (n,) bool: the correctly classified ones."""
+    kept = {k: np.asarray(v)[keep] for k, v in values.items()}
+    combination = Combination.fit(components, kept) if components else None
     cal = Calibration(
         weights_sha256=bundle.weights_sha256,
-        data={
-            "description": data.description + ", correctly classified images only",
-            "sha256": data.sha256,
-            "images": len(data.y),
-            "correct": int(correct.sum()),
-        },
+        data=meta | {"correct": int(keep.sum())},
         alpha=alpha,
         statistic=statistic,
-        values={k: np.sort(v[correct]) for k, v in values.items()},
-        score_options=opts,
+        values={k: np.sort(v) for k, v in kept.items()},
+        score_options=dict(opts),
         tail=tail,
         combination=combination,
     )
     if mondrian:
-        cal.mondrian = mondrian_references(cal, {k: v[correct] for k, v in values.items()}, data.y.numpy()[correct])
+        cal.mondrian = mondrian_references(cal, kept, labels[keep])
+    return cal
+
+
+def calibrate_folder(
+    bundle: Bundle,
+    root: Path,
+    split: str,
+    alpha: float,
+    spec: "DecisionSpec",
+    batch_size: int = 64,
+    progress: bool = False,
+    options: dict[str, Any] | None = None,
+    mondrian: bool = False,
+    names: Sequence[str] | None = None,
+    checkpoint: Path | None = None,
+) -> Calibration:
+    """A calibration from a folder of your clean images (service.lab.folders), streamed in batches and
+    resumable from `checkpoint` (default <bundle>/calibration.partial.npz, removed when done). A class
+    folder tree keeps the correctly classified images; a flat folder keeps every image, its
+    predicted class standing in for the label (said in the calibration's data description)."""
+    _check_decision(spec.statistic, spec.components, set(bundle.scores))
+    opts = {**DEFAULT_OPTIONS, **(options or {})}
+    everything = folders.scan(root, bundle.classes)
+    part = everything.split(split)
+    checkpoint = checkpoint or bundle.path / "calibration.partial.npz"
+    scored = folders.score_folder(
+        bundle, part, scored_names(bundle, names, spec.statistic, spec.components), opts, batch_size, checkpoint, progress
+    )
+    labels = np.asarray(part.labels)[scored.positions] if part.labels is not None else scored.predicted
+    skipped = len(part.files) - len(scored.positions)
+    what = (
+        "correctly classified images only" if part.labels is not None else "unlabelled: every image, its predicted class taken as its label"
+    )
+    meta = {
+        "description": f"{root.name}: {split} half of numpy.random.default_rng(0).permutation({len(everything.files)}) of its "
+        f"{'class-folder' if everything.labelled else 'flat'} image files, {what}"
+        + (f"; {skipped} files did not decode" if skipped else ""),
+        "sha256": part.digest(),
+        "images": len(scored.positions),
+        "split": split,
+        "seed": 0,
+        "labelled": part.labels is not None,
+    }
+    cal = from_values(
+        bundle, scored.values, labels, scored.predicted == labels, meta, alpha, spec.statistic, spec.tail, opts, spec.components, mondrian
+    )
+    checkpoint.unlink(missing_ok=True)
     return cal
 
 
@@ -153,6 +229,8 @@ def run(
     progress: bool = False,
     scores: Path | None = None,
     mondrian: bool = False,
+    options: dict[str, Any] | None = None,
+    names: Sequence[str] | None = None,
 ) -> Calibration:
     """A calibration for `spec`: from the clean images of `data`'s `split`, or, with `scores` (an
     evaluate run's scores.npz on the same split), a new decision on the existing one without rescoring.
@@ -162,14 +240,16 @@ def run(
             raise ValueError("--scores changes the decision of an existing calibration: this bundle has none")
         labels = None
         if mondrian:  # the run's clean images are the split's correctly classified ones, in order
-            images = load_dataset(data, split, bundle.classes, bundle.input_shape)
+            images = load_dataset(data, split, bundle.classes, bundle.input)
             labels = images.y.numpy()[predict(bundle, images.x).numpy() == images.y.numpy()]
         return redecide(bundle.calibration, clean_scores(scores), alpha, spec.statistic, spec.tail, spec.components, labels)
-    images = load_dataset(data, split, bundle.classes, bundle.input_shape)
+    if data.is_dir():
+        return calibrate_folder(bundle, data, split, alpha, spec, batch_size, progress, options, mondrian, names)
+    images = load_dataset(data, split, bundle.classes, bundle.input)
     trained = bundle.detector.meta.get("data", {}) if bundle.detector is not None else {}
     if trained.get("sha256") == images.sha256 and split in ("calibration", "calibration-a", "all"):
         raise ValueError(
             f"this bundle's learned detector was trained on {trained.get('split')} of this data: calibrate on images it "
             "never saw (--split calibration-b), or the conformal guarantee does not hold"
         )
-    return calibrate(bundle, images, alpha, spec.statistic, spec.tail, batch_size, progress, components=spec.components, mondrian=mondrian)
+    return calibrate(bundle, images, alpha, spec.statistic, spec.tail, batch_size, progress, options, spec.components, mondrian, names)
