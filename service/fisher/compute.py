@@ -71,26 +71,51 @@ def compute(
     return out
 
 
-_NUM_CLASSES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], int]]" = weakref.WeakKeyDictionary()
+_NUM_CLASSES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[int, int]]]" = weakref.WeakKeyDictionary()
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
     """K, from one forward of one image, remembered per model and input shape."""
+    return _probe(model, x)[0]
+
+
+def _activations(model: nn.Module, x: Tensor) -> int:
+    """Values the layers output for one image (every leaf module's output), remembered likewise."""
+    return _probe(model, x)[1]
+
+
+def _probe(model: nn.Module, x: Tensor) -> tuple[int, int]:
     known = _NUM_CLASSES.setdefault(model, {})
     shape = tuple(x.shape[1:])
     if shape not in known:
-        with torch.no_grad():
-            known[shape] = int(model(x[:1]).shape[1])
+        count = [0]
+
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            count[0] += out.numel() if isinstance(out, Tensor) else 0
+
+        leaves = [m for m in model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad():
+                k = int(model(x[:1]).shape[1])
+        finally:
+            for h in handles:
+                h.remove()
+        known[shape] = (k, max(count[0], 1))
     return known[shape]
 
 
 def _auto_chunk(model: nn.Module, x: Tensor, plan: Plan, opts: Options) -> int:
-    """Images per pass so that the (m, N, D) gradient block stays near 2^26 values (256 MB)."""
+    """Images per pass so that the (m, N, D) input-gradient block stays near 2^26 values (256 MB)
+    and the m cotangent rows' backward through the layers' outputs (m × N × A values, A the
+    activations of one image) near 2^28 (1 GB): at 224×224 the activations dominate (ResNet-50:
+    A ≈ 2·10^7, so m = 11 rows take one image per pass)."""
+    d, a = x[0].numel(), _activations(model, x)
     if not plan.wanted & (CLASS_INPUT | CLASS_PARAM):
-        return max(1, (1 << 26) // x[0].numel())
+        return max(1, min((1 << 26) // d, (1 << 28) // (2 * a)))
     k = _num_classes(model, x)
     m = 1 + min(k, opts.top_classes or k)
-    return max(1, (1 << 26) // (m * x[0].numel()))
+    return max(1, min((1 << 26) // (m * d), (1 << 28) // (m * a)))
 
 
 def _concat(parts: list[FisherResult]) -> FisherResult:

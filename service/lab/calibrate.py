@@ -129,8 +129,13 @@ def calibrate_folder(
         "correctly classified images only" if part.labels is not None else "unlabelled: every image, its predicted class taken as its label"
     )
     meta = {
-        "description": f"{root.name}: {split} half of numpy.random.default_rng(0).permutation({len(everything.files)}) of its "
-        f"{'class-folder' if everything.labelled else 'flat'} image files, {what}"
+        "description": f"{root.name}: "
+        + (
+            f"all {len(everything.files)}"
+            if split == "all"
+            else f"{split} of numpy.random.default_rng(0).permutation({len(everything.files)}) of its"
+        )
+        + f" {'class-folder' if everything.labelled else 'flat'} image files, {what}"
         + (f"; {skipped} files did not decode" if skipped else ""),
         "sha256": part.digest(),
         "images": len(scored.positions),
