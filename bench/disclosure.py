@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from bench.common import environment, write
+from service.cli.common import default_data
 from service.core import decision, scoring
 from service.core.bundle import Bundle, load_bundle
 from service.lab.attack_specs import parse_attack
@@ -232,7 +233,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     bundle = load_bundle(a.model)
-    data, pool = images(bundle, a.data or Path("../shared/data") / bundle.card["training_data"]["file"], a.limit)
+    data, pool = images(bundle, a.data or default_data(bundle.card), a.limit)
     rows: dict[str, Any] = {}
     for norm in a.norms.split(","):
         eps = EPS[a.model][norm]

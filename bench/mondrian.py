@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bench.common import environment, write
+from service.cli.common import default_data
 from service.core.bundle import load_bundle
 from service.core.calibration import conformal_p_value
 from service.core.scores import SCORES
@@ -40,7 +41,7 @@ def statistic(scores: Path, model: str) -> tuple[np.ndarray, np.ndarray, str]:
     with np.load(scores) as z:
         clean = {s: z[f"clean/{s}"] for s in cal.decision_scores}
         margin = z["clean/margin"]
-    data = load_dataset(Path("../shared/data") / bundle.card["training_data"]["file"], "calibration-b", bundle.classes, bundle.input)
+    data = load_dataset(default_data(bundle.card), "calibration-b", bundle.classes, bundle.input)
     with torch.no_grad():
         z_all = torch.cat([bundle.model(data.x[i : i + 500]) for i in range(0, len(data.y), 500)])
     keep = (z_all.argmax(1) == data.y).numpy()

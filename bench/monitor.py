@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import environment, write
+from service.cli.common import default_data
 from service.core.bundle import load_bundle
 from service.lab.data import load_dataset
 from service.serve.monitor import NEAR, PER_CLIENT, rms_distance, thumbnail
@@ -53,7 +54,7 @@ def main() -> None:
     out: dict[str, Any] = {"environment": environment("cpu"), "near": NEAR, "window": PER_CLIENT, "datasets": {}}
     for name in ("mnist", "cifar10"):
         bundle = load_bundle(name)
-        data = load_dataset(Path("../shared/data") / bundle.card["training_data"]["file"], "calibration-a", bundle.classes, bundle.input)
+        data = load_dataset(default_data(bundle.card), "calibration-a", bundle.classes, bundle.input)
         out["datasets"][name] = stream(data.x[: a.limit].numpy())
         print(name, out["datasets"][name], flush=True)
     write(a.out, out)

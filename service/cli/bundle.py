@@ -36,7 +36,11 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     c.add_argument("--mean", help="per-channel mean, comma-separated (normalisation runs inside the model)")
     c.add_argument("--std", help="per-channel std, comma-separated")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty directory (its calibration, Mahalanobis fit and detector are removed: they belong to the old weights)",
+    )
     c.set_defaults(func=run)
 
 

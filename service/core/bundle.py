@@ -1,6 +1,7 @@
 """Model bundles (docs/bundles.md): a directory with card.json, model.safetensors, calibration.json,
 and architecture code importable as `module:factory` (or `./file.py:factory` inside the bundle)."""
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -55,9 +56,10 @@ class Bundle:
     def classes(self) -> list[str]:
         return list(self.card["classes"])
 
-    @property
+    @functools.cached_property
     def input(self) -> Input:
-        """The card's input: size, resizing, normalisation (docs/bundles.md#input)."""
+        """The card's input: size, resizing, normalisation (docs/bundles.md#input); parsed once, as the
+        request path reads it for every image."""
         return Input.from_card(self.card["input"])
 
     @property

@@ -7,8 +7,10 @@ on a dummy batch before anything is written."""
 
 import datetime as dt
 import json
+import os
 import pickle
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from service.core.bundle import BundleError, build, load_bundle, sha256_file
 from service.core.preprocess import Input, wrap
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}  # torchvision's and timm's ImageNet statistics
+TIED = ("calibration.json", "calibration.partial.npz", "mahalanobis.safetensors", "detector.safetensors")  # tied to the weights
 STATE_KEYS = ("state_dict", "model", "model_state_dict", "net")  # where training checkpoints commonly keep the weights
 
 
@@ -103,11 +106,28 @@ def architecture_in(spec: Spec, root: Path) -> str:
 def create(spec: Spec, root: Path, overwrite: bool = False) -> dict[str, Any]:
     """Writes a bundle to `root` (card.json, model.safetensors and the architecture file if one was
     given) after checking that the model builds, takes the weights strictly and maps a dummy batch of
-    the card's input to finite logits, one per class. Returns the card."""
+    the card's input to finite logits, one per class. Everything is made in a staging directory
+    beside root and moved in only when it loads: a refusal leaves root as it was. Returns the card."""
     if root.exists() and any(root.iterdir()) and not overwrite:
         raise ValueError(f"{root} exists and is not empty (pass --force to replace its bundle files)")
     spec.input.check()
-    root.mkdir(parents=True, exist_ok=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        card = _write(spec, staging)
+        load_bundle(staging)  # what the service will do: it must succeed
+        root.mkdir(exist_ok=True)
+        for tied in TIED:  # made for the weights being replaced (--force): they would no longer load
+            (root / tied).unlink(missing_ok=True)
+        for f in staging.iterdir():
+            os.replace(f, root / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return card
+
+
+def _write(spec: Spec, root: Path) -> dict[str, Any]:
+    """The bundle's files in root, after the checks of `create`."""
     card: dict[str, Any] = {
         "name": spec.name,
         "version": spec.version,
@@ -147,7 +167,6 @@ def create(spec: Spec, root: Path, overwrite: bool = False) -> dict[str, Any]:
         "torch": torch.__version__,
     }
     (root / "card.json").write_text(json.dumps(card, indent=1) + "\n")
-    load_bundle(root)  # what the service will do: it must succeed
     return card
 
 

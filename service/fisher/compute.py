@@ -71,7 +71,7 @@ def compute(
     return out
 
 
-_NUM_CLASSES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[int, int]]]" = weakref.WeakKeyDictionary()
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], tuple[int, int]]]" = weakref.WeakKeyDictionary()
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
@@ -85,7 +85,7 @@ def _activations(model: nn.Module, x: Tensor) -> int:
 
 
 def _probe(model: nn.Module, x: Tensor) -> tuple[int, int]:
-    known = _NUM_CLASSES.setdefault(model, {})
+    known = _PROBED.setdefault(model, {})
     shape = tuple(x.shape[1:])
     if shape not in known:
         count = [0]

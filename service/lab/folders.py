@@ -143,17 +143,17 @@ def _resume(path: Path, meta: str) -> tuple[int, list[dict[str, np.ndarray]]]:
             print(f"{path} was made by another run (other files, scores or options): starting again", file=sys.stderr)
             return 0, []
         done = int(z["done"])
-        keys = sorted({k.split(":", 1)[1] for k in z.files if ":" in k})
-        parts = [{k: z[f"{i}:{k}"] for k in keys} for i in range(int(z["parts"]))]
+        part = {k.removeprefix("a:"): z[k] for k in z.files if k.startswith("a:")}
     print(f"resuming from {path}: {done} batches done", file=sys.stderr)
-    return done, parts
+    return done, [part] if part else []
 
 
 def _save(path: Path, meta: str, done: int, parts: list[dict[str, np.ndarray]]) -> None:
-    """Atomically: written next to the checkpoint, then renamed over it."""
+    """What is done so far, one array per key (so a save costs the same whatever the number of
+    batches), written next to the checkpoint and renamed over it."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    arrays = {f"{i}:{k}": v for i, p in enumerate(parts) for k, v in p.items()}
-    np.savez(tmp, meta=np.array(meta), done=np.array(done), parts=np.array(len(parts)), **arrays)  # type: ignore[arg-type]
+    arrays = {f"a:{k}": np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    np.savez(tmp, meta=np.array(meta), done=np.array(done), **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
 
 
