@@ -1,5 +1,6 @@
 """Shared benchmark helpers: environment capture and interleaved, repeated timing with medians."""
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from service.serve import allocator
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -40,7 +43,20 @@ def environment(device: str) -> dict[str, Any]:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "allocator": allocator.in_use(),
+        "malloc_conf": os.environ.get("MALLOC_CONF"),
     }
+
+
+def allocator_argument(ap: argparse.ArgumentParser) -> None:
+    """`--allocator`, as `fisherguard serve` takes it: the memory allocator shapes CPU timings of large
+    tensors (docs/deployment.md#memory), so engine benchmarks run on the one the service runs on."""
+    ap.add_argument("--allocator", choices=["auto", "jemalloc", "system"], default="auto", help="as `fisherguard serve --allocator`")
+
+
+def use_allocator(choice: allocator.Allocator) -> None:
+    """Re-executes this benchmark under the chosen allocator, with the service's configuration of it."""
+    allocator.ensure(choice)
 
 
 def timed(fn: Callable[[], Any], device: str) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.common import environment, interleaved, write
+from bench.common import allocator_argument, environment, interleaved, use_allocator, write
 from service.core.bundle import load_bundle
 from service.core.scores import DEFAULT
 from service.core.scoring import score
@@ -67,8 +67,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    allocator_argument(ap)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    use_allocator(a.allocator)
     torch.set_num_threads(a.threads)
     rows = [bundle_rows(m, a.batch, a.reps) for m in a.models.split(",")]
     for r in rows:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import environment, interleaved, write
+from bench.common import allocator_argument, environment, interleaved, use_allocator, write
 from bench.vision import import_timm, import_torchvision
 from service.core.bundle import load_bundle
 from service.core.features import extract
@@ -120,8 +120,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    allocator_argument(ap)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
+    use_allocator(a.allocator)
     torch.set_num_threads(a.threads)
     rows = [bench(m, a.batch, a.reps, a.device) for m in a.models.split(",")]
     out = a.out or Path("bench/results") / f"imagenet-{a.device.split(':')[0]}.json"

@@ -6,7 +6,8 @@
 bad, on fresh connections, concurrency 64) after a 2,000-request warm-up; its resident set is read
 after every chunk and the least-squares slope against the request count says how much it grows per
 request. Variants, taking turns repeat by repeat: glibc's malloc (`--allocator system`), jemalloc
-(`--allocator jemalloc`), and glibc's malloc with a fixed 1 MiB mmap threshold.
+(`--allocator jemalloc`, pages kept: the service's MALLOC_CONF), jemalloc with its default decay, and
+glibc's malloc with a fixed 1 MiB mmap threshold.
 """
 
 import argparse
@@ -25,7 +26,8 @@ from service.serve.gallery import GALLERY
 
 VARIANTS: dict[str, dict[str, str]] = {
     "glibc": {"FISHERGUARD_ALLOCATOR": "system"},
-    "jemalloc": {"FISHERGUARD_ALLOCATOR": "jemalloc"},
+    "jemalloc": {"FISHERGUARD_ALLOCATOR": "jemalloc"},  # with the service's MALLOC_CONF (allocator.CONF)
+    "jemalloc, its default 10 s decay": {"FISHERGUARD_ALLOCATOR": "jemalloc", "MALLOC_CONF": ""},
     "glibc, mmap threshold 1 MiB": {"FISHERGUARD_ALLOCATOR": "system", "MALLOC_MMAP_THRESHOLD_": "1048576"},
 }
 

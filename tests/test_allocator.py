@@ -58,3 +58,36 @@ def test_the_cli_refuses_an_unknown_allocator() -> None:
         [sys.executable, "-m", "service.cli", "serve", "--allocator", "tcmalloc"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "invalid choice: 'tcmalloc'" in done.stderr
+
+
+FAULTS = """
+import resource, torch
+from service.serve import allocator
+allocator.ensure("jemalloc")
+def touch():
+    torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB, freed at once: a large activation's life
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    touch()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+"""
+
+
+def _faults_per_touch(**env: str) -> int:
+    environ = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", allocator.TRIED)}
+    done = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, timeout=120, env={**environ, **env})
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+def test_jemalloc_keeps_freed_pages_for_reuse() -> None:
+    """Under the service's MALLOC_CONF a large block freed and allocated again reuses its pages; under
+    jemalloc's default decay every reuse page-faults its 16,384 pages afresh (what made ResNet-50's
+    forward+backward 2.4× slower: docs/deployment.md#memory). A user's own MALLOC_CONF wins."""
+    if allocator.find_jemalloc() is None:
+        pytest.skip("no libjemalloc.so.2 here (apt-get install libjemalloc2)")
+    kept = _faults_per_touch()
+    purged = _faults_per_touch(MALLOC_CONF="")
+    assert kept < 1000, kept
+    assert purged > 8000, purged

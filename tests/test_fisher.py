@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.fisher import HEATMAPS, SCORES, compute, persample
+from service.fisher import HEATMAPS, SCORES, compute, gradients, persample
 from service.fisher.compute import _auto_chunk
 from service.fisher.gradients import forward
 from service.fisher.noise import image_seed
@@ -278,3 +278,37 @@ def test_conv_ghost_products_equal_per_sample_weight_gradients(bias: bool, strid
     assert cross is not None
     torch.testing.assert_close(diag, want_diag, rtol=1e-12, atol=0)
     torch.testing.assert_close(cross, want_cross, rtol=1e-12, atol=1e-12)
+
+
+def _forwards(model: nn.Module) -> list[int]:
+    """A counter of the model's forward calls (its first element)."""
+    calls = [0]
+
+    def hook(_m: nn.Module, _args: tuple[torch.Tensor, ...]) -> None:
+        calls[0] += 1
+
+    model.register_forward_pre_hook(hook)
+    return calls
+
+
+def test_the_tape_copies_only_the_layer_outputs_modified_in_place() -> None:
+    """ResNet block: bn1's output is overwritten by ReLU(inplace=True) and bn2's by `out += x`; the
+    first call learns that (two forwards), later calls copy just those two outputs in one forward."""
+    model, shape = make("resnet")
+    calls = _forwards(model)
+    x = torch.rand(3, *shape)
+    with torch.enable_grad():
+        z1, tape1 = forward(model, x.requires_grad_(True), True)
+        assert tape1 is not None and calls[0] == 2
+        copied = [i for i, s in enumerate(tape1.sites) if s.module in (model.block.bn1, model.block.bn2)]  # type: ignore[union-attr]
+        z2, tape2 = forward(model, x, True)
+    assert tape2 is not None and calls[0] == 3 and tape2.intact()
+    assert len(copied) == 2 and gradients._PROTECT[model] == frozenset(copied)
+    torch.testing.assert_close(z1, z2, rtol=0, atol=0)
+
+
+def test_a_layer_run_twice_gives_logits_and_no_tape_in_one_forward() -> None:
+    model, shape = make("shared")
+    calls = _forwards(model)
+    z, tape = forward(model, torch.rand(2, *shape), True)
+    assert tape is None and calls[0] == 1 and z.shape == (2, 3)

@@ -127,7 +127,7 @@ def extract(
         s = basics.log_odds(z, y)  # (N,)
         gx, *gs = torch.autograd.grad(s.sum(), [xr, *(st.o for st in tape.sites)], create_graph=grad)
         param = torch.stack([persample.layer_products(st, [g], None)[0][:, 0] for st, g in zip(tape.sites, gs, strict=True)], 1)  # (N, L)
-        feature = torch.stack([g.flatten(1).pow(2).sum(1) for g in gs], 1)  # (N, L)
+        feature = torch.stack([persample.sq_norm(g) for g in gs], 1)  # (N, L)
         copies = [SQUEEZERS[q](xr, grad) for q in spec.squeezers]
         eta = seeded_noise(x.detach(), spec.draws // 2) if eta is None else eta.to(xr)  # (N, M/2, C, H, W)
         noisy = [(xr + sign * spec.sigma * eta[:, j]).clamp(0, 1) for j in range(spec.draws // 2) for sign in (1.0, -1.0)]
@@ -143,7 +143,7 @@ def extract(
     cols: dict[str, Tensor] = {
         "margin": basics.log_odds(z64, y),
         "entropy": basics.entropy(log_p),
-        "log_sensitivity": _log10(gx.double().flatten(1).pow(2).sum(1)),
+        "log_sensitivity": _log10(persample.sq_norm(gx.double())),
     }
     param, feature = param.double(), feature.double()
     cols["log_param_total"], cols["log_feature_total"] = _log10(param.sum(1)), _log10(feature.sum(1))

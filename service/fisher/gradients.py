@@ -5,6 +5,7 @@ chosen classes. Their VJPs give the input gradients (m, N, C, H, W) and every re
 output gradients, from which `persample` forms per-sample parameter-gradient products.
 """
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,16 +26,30 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was)
 
 
+_PROTECT: "weakref.WeakKeyDictionary[nn.Module, frozenset[int]]" = weakref.WeakKeyDictionary()
+
+
 def forward(model: nn.Module, x: Tensor, want_tape: bool) -> tuple[Tensor, persample.Tape | None]:
-    """Logits (N, K), and the layer tape when the per-layer identities apply to this model."""
+    """Logits (N, K), and the layer tape when the per-layer identities apply to this model.
+
+    A model that modifies a recorded tensor in place (torchvision's ReLU(inplace=True) after each
+    BatchNorm, `out += identity`) needs those layer calls' outputs copied. Which calls is learnt from
+    a first forward that copies none and remembered per model, so later calls copy only those (half
+    of ResNet-50's layer outputs) and run once; the tape is still checked on every call, and a model
+    whose calls cannot be told apart (a layer run twice) gets no tape."""
     if not want_tape or not persample.hookable(model):
         return model(x), None
-    for protect in (False, True):
+    protect = _PROTECT.get(model, frozenset())
+    while True:  # the remembered copies, then those plus the calls found modified (the logits are right either way)
         with persample.record(model, protect) as tape:
             z = model(x)
         if tape.intact():
+            _PROTECT[model] = protect
             return z, tape
-    return model(x), None
+        modified = tape.modified()
+        if not modified - protect:  # a layer ran twice, or copies did not help: no tape
+            return z, None
+        protect = protect | modified
 
 
 def cotangents(z64: Tensor, p: Tensor, y: Tensor, classes: Tensor | None, need_s: bool) -> Tensor:

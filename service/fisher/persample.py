@@ -34,10 +34,13 @@ class Tape:
     sites: list[Site] = field(default_factory=list)
     versions: list[tuple[int, int]] = field(default_factory=list)
 
+    def modified(self) -> frozenset[int]:
+        """The sites whose input or output was modified in place after it was recorded."""
+        return frozenset(i for i, (s, v) in enumerate(zip(self.sites, self.versions, strict=True)) if (s.a._version, s.o._version) != v)
+
     def intact(self) -> bool:
         """No recorded tensor was modified in place after it was recorded, and no layer ran twice."""
-        now = [(s.a._version, s.o._version) for s in self.sites]
-        return now == self.versions and len({id(s.module) for s in self.sites}) == len(self.sites)
+        return not self.modified() and len({id(s.module) for s in self.sites}) == len(self.sites)
 
 
 def _owns_params(m: nn.Module) -> bool:
@@ -55,18 +58,19 @@ def hookable(model: nn.Module) -> bool:
 
 
 @contextmanager
-def record(model: nn.Module, protect: bool = False) -> Iterator[Tape]:
+def record(model: nn.Module, protect: frozenset[int] = frozenset()) -> Iterator[Tape]:
     """Records every call of a parametrised layer during the forward passes inside the block.
 
-    With protect=True each recorded output is handed on as a copy, so that in-place operations
-    downstream (ReLU(inplace=True), `out += identity`) cannot overwrite it.
+    The outputs of the calls numbered in `protect` (in call order) are handed on as copies, so that
+    in-place operations downstream (ReLU(inplace=True), `out += identity`) cannot overwrite them.
     """
     tape = Tape()
 
     def hook(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        copy = len(tape.sites) in protect
         tape.sites.append(Site(mod, args[0], out))
         tape.versions.append((args[0]._version, out._version))
-        return out.clone() if protect else out
+        return out.clone() if copy else out
 
     hooks = [m.register_forward_hook(hook) for m in model.modules() if _owns_params(m)]
     try:
@@ -78,12 +82,37 @@ def record(model: nn.Module, protect: bool = False) -> Iterator[Tape]:
 
 def _prepare(m: nn.Module, a: Tensor) -> Tensor:
     """What the per-sample gradients need of the layer input, computed once per layer."""
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        return a if a.dim() == 2 or isinstance(m, nn.Conv2d) else a.flatten(1, -2)  # conv (N, C, H, W); linear (N, I) or (N, T, I)
+    if isinstance(m, nn.Linear) and a.dim() > 2:
+        return a.flatten(1, -2)  # (N, T, I)
+    return a  # conv (N, C, H, W); linear (N, I); BatchNorm (N, C, ...): normalised inside `_batchnorm_features`
+
+
+def sq_norm(v: Tensor) -> Tensor:
+    """‖v_n‖² per sample. (N, ...) -> (N,). Off the autograd tape a fused norm: an order of magnitude
+    faster on the CPU than squaring and summing; on it the plain sum, whose gradient is defined at 0."""
+    v = v.flatten(1)
+    if v.requires_grad and torch.is_grad_enabled():
+        return (v * v).sum(1)
+    return torch.linalg.vector_norm(v, dim=1).square()
+
+
+def _batchnorm_features(m: nn.Module, a: Tensor, g: Tensor) -> list[Tensor]:
+    """Per-sample γ and β gradients of an eval-mode BatchNorm: Σ_t g_t x̂_t with x̂ = (a − μ)/√(σ² + ε),
+    formed as (Σ_t g_t a_t − μ Σ_t g_t)/√(σ² + ε) so that no x̂ the size of the activations is made,
+    and Σ_t g_t. a, g (N, C, ...) -> [(N, C)]."""
     assert isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
     assert m.running_mean is not None and m.running_var is not None, "BatchNorm without running statistics"
-    shape = (1, -1) + (1,) * (a.dim() - 2)
-    return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)  # x̂ (N, C, ...)
+    if g.dim() > 2:
+        gf, af = g.flatten(2), a.flatten(2)  # (N, C, T)
+        g_sum, ga = gf.sum(2), torch.einsum("nct,nct->nc", gf, af)  # (N, C)
+    else:
+        g_sum, ga = g, g * a
+    feats = []
+    if m.weight is not None and m.weight.requires_grad:
+        feats.append((ga - m.running_mean * g_sum) * torch.rsqrt(m.running_var + m.eps))  # γ: (N, C)
+    if m.bias is not None and m.bias.requires_grad:
+        feats.append(g_sum)  # β: (N, C)
+    return feats
 
 
 def conv_persample_weight_grad(m: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
@@ -113,13 +142,7 @@ def _features(m: nn.Module, pre: Tensor, g: Tensor) -> list[Tensor]:
         g2 = g.flatten(1, -2)  # (N, T, O)
         feats = [torch.bmm(g2.transpose(1, 2), pre).flatten(1)]  # (N, O·I)
         return feats + ([g2.sum(1)] if m.bias is not None else [])
-    dims = tuple(range(2, g.dim()))
-    feats = []
-    if m.weight is not None and m.weight.requires_grad:
-        feats.append((g * pre).sum(dims) if dims else g * pre)  # γ: (N, C)
-    if m.bias is not None and m.bias.requires_grad:
-        feats.append(g.sum(dims) if dims else g)  # β: (N, C)
-    return feats
+    return _batchnorm_features(m, pre, g)
 
 
 def _conv_inner(m: nn.Conv2d, a1: Tensor, g1: Tensor, w2: Tensor) -> Tensor:
@@ -210,8 +233,8 @@ def layer_products(site: Site, gs: list[Tensor], ref: int | None, conv_ghost: bo
     conv_ghost=False never takes the ghost-norm path for convolutions (to measure what it buys)."""
     mod, a = site.module, site.a
     if _ghost(mod, a):
-        aa = (a * a).sum(1) + (1.0 if mod.bias is not None else 0.0)  # (N,)
-        diag = torch.stack([(g * g).sum(1) * aa for g in gs], 1)
+        aa = sq_norm(a) + (1.0 if mod.bias is not None else 0.0)  # (N,)
+        diag = torch.stack([sq_norm(g) * aa for g in gs], 1)
         cross = torch.stack([(g * gs[ref]).sum(1) * aa for g in gs], 1) if ref is not None else None
         return diag, cross
     if conv_ghost and isinstance(mod, nn.Conv2d) and _conv_ghost(mod, a, gs):
@@ -220,5 +243,5 @@ def layer_products(site: Site, gs: list[Tensor], ref: int | None, conv_ghost: bo
         feats = _conv_features_stacked(mod, a, gs)
     else:
         feats = [_features(mod, _prepare(mod, a), g) for g in gs]
-    diag = torch.stack([_dot(f, f) for f in feats], 1)
+    diag = torch.stack([sum((sq_norm(t) for t in f), torch.zeros(())) for f in feats], 1)
     return diag, (torch.stack([_dot(f, feats[ref]) for f in feats], 1) if ref is not None else None)

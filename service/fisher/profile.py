@@ -59,5 +59,5 @@ def profile(model: nn.Module, x: Tensor) -> Profile:
         grads = list(torch.autograd.grad(z, [st.o for st in tape.sites], cot[0]))
     sc = scale[0] ** 2  # (N,)
     param = torch.stack([persample.layer_products(st, [g], None)[0][:, 0] for st, g in zip(tape.sites, grads, strict=True)], 1)
-    feature = torch.stack([g.double().flatten(1).pow(2).sum(1) for g in grads], 1)
+    feature = torch.stack([persample.sq_norm(g.double()) for g in grads], 1)
     return Profile(param.detach().double() * sc[:, None], feature.detach() * sc[:, None], [names[id(st.module)] for st in tape.sites])
