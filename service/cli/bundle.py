@@ -1,4 +1,5 @@
-"""`fisherguard bundle create`: a bundle from your own classifier (docs/guard-your-classifier.md)."""
+"""`fisherguard bundle create`: a bundle from your own classifier (docs/guard-your-classifier.md);
+`fisherguard bundle mlserver`: a bundle as an MLServer model folder (docs/serving-platforms.md#seldon-core-2)."""
 
 import argparse
 from pathlib import Path
@@ -42,6 +43,13 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
         help="write into a non-empty directory (its calibration, Mahalanobis fit and detector are removed: they belong to the old weights)",
     )
     c.set_defaults(func=run)
+    m = bsub.add_parser("mlserver", help="an MLServer model folder (a Seldon Core 2 artifact) for a calibrated bundle")
+    m.add_argument("dir", type=Path, help="the folder to write (must not exist or be empty)")
+    m.add_argument("--model", required=True, help="a bundle directory or a shipped bundle's name")
+    m.add_argument("--name", help="the model's name in MLServer (default: the bundle's)")
+    m.add_argument("--max-batch-size", type=int, default=32, help="MLServer's adaptive batching (1: off)")
+    m.add_argument("--max-batch-time-ms", type=float, default=5.0)
+    m.set_defaults(func=run_mlserver)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -83,5 +91,15 @@ def run(a: argparse.Namespace) -> int:
         f"wrote {a.dir}: {card['name']} {card['version']}, {card['architecture']}, {len(card['classes'])} classes, "
         f"{card['param_count']:,} parameters, input {spec.card()}; weights sha256 {card['weights_sha256'][:12]}…\n"
         f"next: fisherguard calibrate --model {a.dir} --data <folder of clean images>"
+    )
+    return 0
+
+
+def run_mlserver(a: argparse.Namespace) -> int:
+    from service.core.packaging import export_mlserver
+
+    path = export_mlserver(a.model, a.dir, a.name, a.max_batch_size, a.max_batch_time_ms)
+    print(
+        f"wrote {path.parent}: upload it where Seldon Core 2 reads models (the Model's storageUri), or: mlserver start {path.parent.parent}"
     )
     return 0

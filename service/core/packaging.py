@@ -202,3 +202,33 @@ def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"--kwarg {item!r} is not KEY=VALUE")
         out[key] = parse_value(value)
     return out
+
+
+MLSERVER_RUNTIME = "service.mlserver_runtime.FisherGuardRuntime"
+
+
+def export_mlserver(name_or_path: str | Path, out: Path, name: str | None, max_batch_size: int, max_batch_time_ms: float) -> Path:
+    """An MLServer model folder (a Seldon Core 2 model artifact, docs/serving-platforms.md#seldon-core-2):
+    the bundle's files and a model-settings.json that runs them on FisherGuard's MLServer runtime.
+    The bundle must be calibrated; `out` must not exist or be empty. -> the settings file."""
+    bundle = load_bundle(name_or_path)
+    if bundle.calibration is None:
+        raise BundleError(f"bundle {bundle.path} has no calibration.json: run `fisherguard calibrate --model {bundle.path}` first")
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"{out} is not empty")
+    if max_batch_size < 1 or max_batch_time_ms < 0:
+        raise ValueError(f"max batch size {max_batch_size} must be >= 1 and max batch time {max_batch_time_ms} ms >= 0")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(bundle.path.iterdir()):
+        if f.is_file() and f.suffix not in (".pyc",) and not f.name.endswith(".partial.npz"):
+            shutil.copy2(f, out / f.name)
+    settings: dict[str, Any] = {
+        "name": name or bundle.name,
+        "implementation": MLSERVER_RUNTIME,
+        "parameters": {"uri": "./", "version": str(bundle.card["version"])},
+    }
+    if max_batch_size > 1:  # MLServer's adaptive batching: requests merged into one predict call
+        settings |= {"max_batch_size": max_batch_size, "max_batch_time": max_batch_time_ms / 1000}
+    path = out / "model-settings.json"
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+    return path
