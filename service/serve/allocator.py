@@ -2,7 +2,7 @@
 
 The engine allocates tensors of many sizes in its thread and frees them in others; glibc's malloc
 keeps the freed pieces mapped, so the resident set creeps up by about a kilobyte per request although
-nothing is kept (the Python heap stays flat under tracemalloc). jemalloc returns them. `auto` re-executes
+nothing is kept (the Python heap stays flat under tracemalloc). jemalloc reuses them. `auto` re-executes
 the process with jemalloc preloaded when the machine has it, before torch is imported; `system` keeps
 the C library's malloc; `jemalloc` insists and fails when it is missing.
 
