@@ -89,6 +89,8 @@ class FisherGuardRuntime(MLModel):  # type: ignore[misc]
         if bundle.calibration is None:
             raise ValueError(f"bundle {bundle.path} has no calibration.json: run `fisherguard calibrate --model {bundle.path}`")
         self._bundle = bundle
+        self._engine = asyncio.Lock()  # one batch on the model at a time, as the service's batcher thread does:
+        # the engine records layer calls with hooks on the model, which concurrent forwards would mix
         self._alpha = float(extra.get("alpha") or bundle.calibration.alpha)
         self._scores = tuple(dict.fromkeys((*DEFAULT, *bundle.calibration.decision_scores)))
         c, h, w = bundle.input_shape
@@ -98,7 +100,8 @@ class FisherGuardRuntime(MLModel):  # type: ignore[misc]
         ]
         self.outputs = [MetadataTensor(name=k, datatype=d, shape=[-1]) for k, d in OUTPUTS.items()]
         self.outputs += [MetadataTensor(name=k, datatype="FP64", shape=[-1]) for k in bundle.scores]
-        await asyncio.to_thread(score, self._bundle, torch.zeros(1, c, h, w), self._scores)  # warm-up
+        async with self._engine:
+            await asyncio.to_thread(score, self._bundle, torch.zeros(1, c, h, w), self._scores)  # warm-up
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -106,13 +109,14 @@ class FisherGuardRuntime(MLModel):  # type: ignore[misc]
         if len(payload.inputs) != 1:
             raise InferenceError(f"send exactly one input ({IMAGES!r} or {PIXELS!r}), got {[i.name for i in payload.inputs]}")
         inp = payload.inputs[0]
+        datatype = str(getattr(inp.datatype, "value", inp.datatype))  # an enum, or its value in a request MLServer merged
         if inp.name == PIXELS:
-            x = pixels(NumpyCodec.decode_input(inp), inp.datatype.value, bundle.input_shape)
-        elif inp.name == IMAGES and inp.datatype.value == "BYTES":
+            x = pixels(NumpyCodec.decode_input(inp), datatype, bundle.input_shape)
+        elif inp.name == IMAGES and datatype == "BYTES":
             x = images(Base64Codec.decode_input(inp), bundle)
         else:
             raise InferenceError(
-                f"send {IMAGES!r} (BYTES: encoded image files) or {PIXELS!r} (FP32/UINT8 [N, C, H, W]), got {inp.name!r} {inp.datatype.value}"
+                f"send {IMAGES!r} (BYTES: encoded image files) or {PIXELS!r} (FP32/UINT8 [N, C, H, W]), got {inp.name!r} {datatype}"
             )
         wanted = [o.name for o in payload.outputs] if payload.outputs else list(OUTPUTS)
         unknown = [k for k in wanted if k not in OUTPUTS and k not in bundle.scores]
@@ -120,7 +124,8 @@ class FisherGuardRuntime(MLModel):  # type: ignore[misc]
             raise InferenceError(f"unknown outputs {unknown}; known: {[*OUTPUTS, *bundle.scores]}")
         alpha = alpha_of(payload.parameters, self._alpha)
         names = tuple(dict.fromkeys((*self._scores, *(k for k in wanted if k in bundle.scores))))
-        r = await asyncio.to_thread(score, bundle, x, names)
+        async with self._engine:
+            r = await asyncio.to_thread(score, bundle, x, names)
         raw = {k: v.numpy() for k, v in r.raw.items()}
         if not all(np.isfinite(v).all() for v in raw.values()):
             raise InferenceError("the model produced non-finite values for an image")

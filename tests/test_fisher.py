@@ -312,3 +312,17 @@ def test_a_layer_run_twice_gives_logits_and_no_tape_in_one_forward() -> None:
     calls = _forwards(model)
     z, tape = forward(model, torch.rand(2, *shape), True)
     assert tape is None and calls[0] == 1 and z.shape == (2, 3)
+
+
+def test_recording_is_confined_to_its_thread() -> None:
+    """Two threads scoring the same model at once (a server with two batches in flight) each get the
+    values they get alone: a layer call on one thread never enters the other's tape."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, shape = make("resnet")
+    xs = [torch.rand(4, *shape, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    alone = [compute(model, x, ["fisher_param_trace"]).scores["fisher_param_trace"] for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda x: compute(model, x, ["fisher_param_trace"]).scores["fisher_param_trace"], xs * 4))
+    for i, t in enumerate(together):
+        torch.testing.assert_close(t, alone[i % len(xs)], rtol=1e-6, atol=0)

@@ -45,7 +45,8 @@ def verdicts(bundle: Bundle, x: torch.Tensor) -> tuple[list[int], list[bool], li
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A running `mlserver start` on both bundles: its REST and gRPC addresses."""
     if not MLSERVER.is_file():
         why = f"no MLServer at {MLSERVER} (python3 -m venv .venv-mlserver && .venv-mlserver/bin/pip install torch==2.13.0 mlserver==1.7.1 -e .)"
         if os.environ.get("CI"):
@@ -75,13 +76,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         else:
             proc.kill()
             pytest.fail(f"MLServer did not get ready:\n{proc.communicate()[0][-4000:]}")
-        yield f"127.0.0.1:{http}"
+        yield f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(servers: tuple[str, str]) -> str:
+    return servers[0]
 
 
 def _client(server: str):  # type: ignore[no-untyped-def]
@@ -174,6 +180,40 @@ def test_alpha_parameter_and_scores_as_outputs(server: str, mnist: Bundle, digit
     assert r["id"] == "req-7" and r["parameters"]["alpha"] == 0.2 and [o["name"] for o in r["outputs"]] == ["p_value", "margin"]
     want = score(mnist, x[:2], ("margin",)).raw["margin"].tolist()
     np.testing.assert_allclose(r["outputs"][1]["data"], want, rtol=1e-6)
+
+
+GRPC_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as triton
+
+client = triton.InferenceServerClient(url=sys.argv[1])
+x = np.load(sys.argv[2])
+inp = triton.InferInput("pixels", list(x.shape), "FP32")
+inp.set_data_from_numpy(x)
+r = client.infer("mnist", [inp], outputs=[triton.InferRequestedOutput(k) for k in ("predicted_class", "is_adversarial", "p_value")])
+print(json.dumps({"ready": client.is_server_ready() and client.is_model_ready("mnist"),
+                  "cls": r.as_numpy("predicted_class").tolist(), "flag": r.as_numpy("is_adversarial").tolist(),
+                  "p": r.as_numpy("p_value").tolist()}))
+"""
+
+
+def test_grpc_through_mlserver(servers: tuple[str, str], mnist: Bundle, digits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The Open Inference Protocol over gRPC, which MLServer adds: tritonclient's gRPC client (in the
+    MLServer environment, whose protobuf it shares) gets the service's verdicts."""
+    x, _ = digits
+    np.save(tmp_path / "x.npy", x[:5].numpy())
+    python = MLSERVER.parent / "python"
+    done = subprocess.run(
+        [str(python), "-c", GRPC_CLIENT, servers[1], str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    cls, flag, p = verdicts(mnist, x[:5])
+    assert got["ready"] and got["cls"] == cls and got["flag"] == flag
+    np.testing.assert_allclose(got["p"], p, rtol=0, atol=1e-12)
 
 
 def test_the_runtime_imports_the_core_only() -> None:

@@ -8,6 +8,7 @@ product ⟨∇_W, ∇_W'⟩ needs no P-sized per-sample tensor for Linear layers
 matrices of their patches and output gradients, and the rest a small per-sample weight-sized tensor. The whole-model inner product is the sum over layers.
 """
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,10 +64,15 @@ def record(model: nn.Module, protect: frozenset[int] = frozenset()) -> Iterator[
 
     The outputs of the calls numbered in `protect` (in call order) are handed on as copies, so that
     in-place operations downstream (ReLU(inplace=True), `out += identity`) cannot overwrite them.
+    Only calls on this thread are recorded: a forward of the same model on another thread (a server
+    scoring two batches at once) neither enters this tape nor is copied.
     """
     tape = Tape()
+    owner = threading.get_ident()
 
     def hook(mod: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+        if threading.get_ident() != owner:
+            return out
         copy = len(tape.sites) in protect
         tape.sites.append(Site(mod, args[0], out))
         tape.versions.append((args[0]._version, out._version))
