@@ -41,6 +41,7 @@ from service.core.scoring import score
 IMAGES, PIXELS = "images", "pixels"
 OUTPUTS = {"predicted_class": "INT64", "is_adversarial": "BOOL", "p_value": "FP64", "instance_score": "FP64"}
 MAX_PIXELS = 40_000_000  # per decoded image, as the service's default `max_image_pixels`
+MAX_IMAGES = 64  # per request, as the service's default `max_images_per_request`
 
 
 def pixels(values: np.ndarray, datatype: str, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -89,8 +90,7 @@ class FisherGuardRuntime(MLModel):  # type: ignore[misc]
         if bundle.calibration is None:
             raise ValueError(f"bundle {bundle.path} has no calibration.json: run `fisherguard calibrate --model {bundle.path}`")
         self._bundle = bundle
-        self._engine = asyncio.Lock()  # one batch on the model at a time, as the service's batcher thread does:
-        # the engine records layer calls with hooks on the model, which concurrent forwards would mix
+        self._engine = asyncio.Lock()  # one batch on the model at a time, as the service's batcher thread does
         self._alpha = float(extra.get("alpha") or bundle.calibration.alpha)
         self._scores = tuple(dict.fromkeys((*DEFAULT, *bundle.calibration.decision_scores)))
         c, h, w = bundle.input_shape
@@ -109,6 +109,9 @@ class FisherGuardRuntime(MLModel):  # type: ignore[misc]
         if len(payload.inputs) != 1:
             raise InferenceError(f"send exactly one input ({IMAGES!r} or {PIXELS!r}), got {[i.name for i in payload.inputs]}")
         inp = payload.inputs[0]
+        limit = MAX_IMAGES * max(1, self.settings.max_batch_size)  # a request, or the requests MLServer merged
+        if inp.shape and inp.shape[0] > limit:
+            raise InferenceError(f"{inp.shape[0]} images in one call; at most {limit}")
         datatype = str(getattr(inp.datatype, "value", inp.datatype))  # an enum, or its value in a request MLServer merged
         if inp.name == PIXELS:
             x = pixels(NumpyCodec.decode_input(inp), datatype, bundle.input_shape)

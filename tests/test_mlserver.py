@@ -168,6 +168,12 @@ def test_bad_requests_get_400_with_the_reason(server: str, body: dict[str, objec
     assert says in r.json()["error"]
 
 
+def test_too_many_images_are_refused_before_decoding(server: str) -> None:
+    body = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [65, 3, 32, 32], "data": [0] * (65 * 3 * 32 * 32)}]}
+    r = httpx.post(f"http://{server}/v2/models/cifar10/infer", json=body)
+    assert r.status_code == 400 and "65 images in one call; at most 64" in r.json()["error"]
+
+
 def test_alpha_parameter_and_scores_as_outputs(server: str, mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
     x, _ = digits
     body = {
