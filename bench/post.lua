@@ -1,9 +1,9 @@
--- wrk script: POST one PNG (path in env FG_IMAGE) to /v1/detect; count statuses.
+-- wrk script: POST one file (path in env FG_IMAGE; Content-Type FG_CONTENT_TYPE, default image/png); count statuses.
 local f = assert(io.open(os.getenv("FG_IMAGE"), "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
-wrk.headers["Content-Type"] = "image/png"
+wrk.headers["Content-Type"] = os.getenv("FG_CONTENT_TYPE") or "image/png"
 
 local statuses = {}
 function response(status, headers, body)
