@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from bench.common import environment, write
+from service.cli.common import default_data
 from service.core.bundle import load_bundle
 from service.core.scoring import predict
 from service.lab import art_attacks, attacks, learn
@@ -79,9 +80,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     bundle = load_bundle(a.model)
-    data = load_dataset(
-        a.data or Path("../shared/data") / bundle.card["training_data"]["file"], "calibration-b", bundle.classes, bundle.input_shape
-    )
+    data = load_dataset(a.data or default_data(bundle.card), "calibration-b", bundle.classes, bundle.input)
     data = seeded_subset(learn.correct(bundle, data), a.limit)
     rows: dict[str, Any] = {}
     skipped = [k for k in a.skip.split(",") if k]

@@ -35,10 +35,10 @@ def two_sided_p(cal: np.ndarray, t: np.ndarray) -> np.ndarray:
 def measure(spec: str, data: Path, eps_list: list[float], limit: int, alphas: tuple[float, ...]) -> dict[str, Any]:
     path, beta = spec.rsplit(":", 1)
     bundle = load_bundle(path, "cpu")
-    model, shape = bundle.model, bundle.input_shape
-    full = load_dataset(data, "all", bundle.classes, shape)
-    cal_half = load_dataset(data, "calibration", bundle.classes, shape)
-    ev = load_dataset(data, "evaluation", bundle.classes, shape)
+    model = bundle.model
+    full = load_dataset(data, "all", bundle.classes, bundle.input)
+    cal_half = load_dataset(data, "calibration", bundle.classes, bundle.input)
+    ev = load_dataset(data, "evaluation", bundle.classes, bundle.input)
     cal_scores, cal_pred = score_dataset(bundle, cal_half.x, SCORES, opts={})
     cal = np.sort(cal_scores["fisher_input_trace"][cal_pred == cal_half.y.numpy()])
     clean_scores, clean_pred = score_dataset(bundle, ev.x, SCORES, opts={})

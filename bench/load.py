@@ -73,11 +73,14 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 def scrape(base: str) -> dict[str, float]:
+    """The engine's batch-size histogram sum and count, summed over the served models (their `model`
+    label dropped: the series carry it since several bundles can share a process)."""
     out: dict[str, float] = {}
     for line in httpx.get(base + "/metrics").text.splitlines():
-        if line.startswith(("fisherguard_batch_size_images_sum", "fisherguard_batch_size_images_count", "fisherguard_requests_total")):
+        if line.startswith(("fisherguard_batch_size_images_sum", "fisherguard_batch_size_images_count")):
             key, value = line.rsplit(" ", 1)
-            out[key] = out.get(key, 0.0) + float(value)
+            name = key.split("{", 1)[0]
+            out[name] = out.get(name, 0.0) + float(value)
     return out
 
 
@@ -87,22 +90,19 @@ def mean_batch(before: dict[str, float], after: dict[str, float]) -> float | Non
     return s / n if n else None
 
 
+def run_wrk(url: str, body: Path, connections: int, seconds: int, content_type: str = "image/png") -> dict[str, Any]:
+    """One closed-loop wrk run POSTing the file `body` to `url` (one thread, C connections): wrk's own
+    numbers as bench/post.lua prints them (requests, duration_s, non2xx, timeouts, p50/p90/p99_ms)."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(ROOT / "bench" / "post.lua"), url]
+    env = {**os.environ, "FG_IMAGE": str(body), "FG_CONTENT_TYPE": content_type}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return dict(json.loads(out.split("WRK_JSON", 1)[1].strip().splitlines()[0]))
+
+
 def wrk(base: str, image: Path, connections: int, seconds: int) -> dict[str, Any]:
-    """One closed-loop wrk run; wrk's own numbers, as printed by bench/post.lua."""
+    """One closed-loop run against /v1/detect, with the service's mean batch size from its metrics."""
     before = scrape(base)
-    cmd = [
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{seconds}s",
-        "--timeout",
-        "30s",
-        "-s",
-        str(ROOT / "bench" / "post.lua"),
-        base + "/v1/detect",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FG_IMAGE": str(image)}, check=True).stdout
-    res = json.loads(out.split("WRK_JSON", 1)[1].strip().splitlines()[0])
+    res = run_wrk(base + "/v1/detect", image, connections, seconds)
     return {
         "concurrency": connections,
         "images_per_s": (res["requests"] - res["non2xx"]) / res["duration_s"],

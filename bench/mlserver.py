@@ -17,13 +17,15 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.common import environment, free_port, write
-from bench.load import ROOT, start_server, stop
+from bench.load import ROOT, run_wrk, start_server, stop
 from service.core.bundle import load_bundle
 from service.core.images import decode
 from service.core.packaging import export_mlserver
@@ -37,31 +39,43 @@ def body() -> bytes:
     return json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, *x.shape], "data": x.flatten().tolist()}]}).encode()
 
 
-def start_mlserver(root: Path) -> tuple[subprocess.Popen[bytes], int]:
+@contextmanager
+def running(root: Path, models: Sequence[str], executable: Path = MLSERVER, timeout_s: float = 180) -> Iterator[tuple[int, int]]:
+    """`mlserver start root` (settings.json written there, the model folders below it; the model in the
+    server's process, two torch threads) until every one of `models` is ready: its HTTP and gRPC ports.
+    Stopped on exit. Its output goes to root/mlserver.log, quoted when it does not get ready."""
     http, grpc, metrics = free_port(), free_port(), free_port()
     (root / "settings.json").write_text(
         json.dumps({"http_port": http, "grpc_port": grpc, "metrics_port": metrics, "parallel_workers": 0, "host": "127.0.0.1"})
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FISHERGUARD_")} | {"OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([str(MLSERVER), "start", str(root)], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{http}/v2/models/mnist/ready").status_code == 200:
-                return proc, http
-        except httpx.HTTPError:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FISHERGUARD_", "MLSERVER_"))} | {"OMP_NUM_THREADS": "2"}
+    log = root / "mlserver.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(executable), "start", str(root)], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _ready(http, models):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"MLServer did not get ready:\n{log.read_text(errors='replace')[-4000:]}")
             time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("mlserver did not start")
+        yield http, grpc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _ready(port: int, models: Sequence[str]) -> bool:
+    try:
+        return all(httpx.get(f"http://127.0.0.1:{port}/v2/models/{m}/ready").status_code == 200 for m in models)
+    except httpx.TransportError:
+        return False
 
 
 def wrk(port: int, request: Path, connections: int, seconds: int) -> dict[str, Any]:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(ROOT / "bench" / "post.lua")]
-    env = {**os.environ, "FG_IMAGE": str(request), "FG_CONTENT_TYPE": "application/json"}
-    out = subprocess.run(
-        [*cmd, f"http://127.0.0.1:{port}/v2/models/mnist/infer"], capture_output=True, text=True, env=env, check=True
-    ).stdout
-    res = json.loads(out.split("WRK_JSON", 1)[1].strip().splitlines()[0])
+    res = run_wrk(f"http://127.0.0.1:{port}/v2/models/mnist/infer", request, connections, seconds, "application/json")
     return {
         "concurrency": connections,
         "requests_per_s": (res["requests"] - res["non2xx"]) / res["duration_s"],
@@ -96,13 +110,9 @@ def main() -> None:
                     runs["fisherguard serve"][c].append(wrk(port, request, c, a.seconds))
             finally:
                 stop(proc)
-            mls, port = start_mlserver(Path(tmp) / "models")
-            try:
+            with running(Path(tmp) / "models", ["mnist"]) as (port, _):
                 for c in levels:
                     runs["mlserver"][c].append(wrk(port, request, c, a.seconds))
-            finally:
-                mls.terminate()
-                mls.wait(timeout=60)
             print({k: {c: round(v[c][-1]["requests_per_s"]) for c in levels} for k, v in runs.items()}, flush=True)
     summary = {
         front: {

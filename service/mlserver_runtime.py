@@ -34,28 +34,14 @@ from mlserver.utils import get_model_uri
 from service.core import decision
 from service.core.bundle import Bundle, load_bundle
 from service.core.device import pick_device
-from service.core.images import ImageError, decode
-from service.core.scores import DEFAULT, thresholded_all
+from service.core.images import ImageError, decode, from_array
+from service.core.scores import DEFAULT
 from service.core.scoring import score
 
 IMAGES, PIXELS = "images", "pixels"
 OUTPUTS = {"predicted_class": "INT64", "is_adversarial": "BOOL", "p_value": "FP64", "instance_score": "FP64"}
 MAX_PIXELS = 40_000_000  # per decoded image, as the service's default `max_image_pixels`
 MAX_IMAGES = 64  # per request, as the service's default `max_images_per_request`
-
-
-def pixels(values: np.ndarray, datatype: str, shape: tuple[int, int, int]) -> torch.Tensor:
-    """FP32 in [0, 1] or UINT8 [N, C, H, W] in the card's layout -> (N, C, H, W) float32 in [0, 1]."""
-    if datatype not in ("FP32", "UINT8"):
-        raise InferenceError(f"input {PIXELS!r}: datatype {datatype} is not FP32 or UINT8")
-    if values.ndim != 4 or tuple(values.shape[1:]) != shape or values.shape[0] == 0:
-        raise InferenceError(f"input {PIXELS!r}: shape {list(values.shape)} is not [N, {', '.join(map(str, shape))}] with N >= 1")
-    x = torch.from_numpy(np.array(values, dtype=np.float32))
-    if datatype == "UINT8":
-        return x / 255
-    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        raise InferenceError(f"input {PIXELS!r}: FP32 pixels must be finite and in [0, 1] (min {x.min():.4g}, max {x.max():.4g})")
-    return x
 
 
 def images(files: Sequence[bytes], bundle: Bundle) -> torch.Tensor:
@@ -114,7 +100,10 @@ class FisherGuardRuntime(MLModel):  # type: ignore[misc]
             raise InferenceError(f"{inp.shape[0]} images in one call; at most {limit}")
         datatype = str(getattr(inp.datatype, "value", inp.datatype))  # an enum, or its value in a request MLServer merged
         if inp.name == PIXELS:
-            x = pixels(NumpyCodec.decode_input(inp), datatype, bundle.input_shape)
+            try:
+                x = from_array(NumpyCodec.decode_input(inp), datatype, bundle.input_shape)
+            except ImageError as e:
+                raise InferenceError(f"input {PIXELS!r}: {e}") from e
         elif inp.name == IMAGES and datatype == "BYTES":
             x = images(Base64Codec.decode_input(inp), bundle)
         else:
@@ -133,9 +122,8 @@ class FisherGuardRuntime(MLModel):  # type: ignore[misc]
         if not all(np.isfinite(v).all() for v in raw.values()):
             raise InferenceError("the model produced non-finite values for an image")
         assert bundle.calibration is not None
-        t = thresholded_all(raw)
         predicted = r.predicted.numpy()
-        verdict = decision.decide(bundle.calibration, {k: t[k] for k in bundle.calibration.decision_scores}, alpha, predicted)
+        verdict = decision.decide(bundle.calibration, r.thresholded(), alpha, predicted)
         columns: dict[str, list[Any]] = {
             "predicted_class": predicted.astype(int).tolist(),
             "is_adversarial": [bool(f) for f in verdict.flagged],

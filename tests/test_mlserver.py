@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,13 +19,14 @@ import numpy as np
 import pytest
 import torch
 
+from bench.mlserver import running
 from service.core import decision
 from service.core.bundle import Bundle, load_bundle
 from service.core.images import decode
 from service.core.packaging import export_mlserver
-from service.core.scores import DEFAULT, thresholded_all
+from service.core.scores import DEFAULT
 from service.core.scoring import score
-from tests.conftest import free_port, png
+from tests.conftest import png
 
 ROOT = Path(__file__).resolve().parent.parent
 MLSERVER = Path(os.environ.get("FISHERGUARD_MLSERVER", ROOT / ".venv-mlserver" / "bin" / "mlserver"))
@@ -39,8 +39,7 @@ def verdicts(bundle: Bundle, x: torch.Tensor) -> tuple[list[int], list[bool], li
     assert bundle.calibration is not None
     cal = bundle.calibration
     r = score(bundle, x, tuple(dict.fromkeys((*DEFAULT, *cal.decision_scores))))
-    t = thresholded_all({k: v.numpy() for k, v in r.raw.items()})
-    v = decision.decide(cal, {k: t[k] for k in cal.decision_scores}, cal.alpha, r.predicted.numpy())
+    v = decision.decide(cal, r.thresholded(), cal.alpha, r.predicted.numpy())
     return r.predicted.tolist(), [bool(f) for f in v.flagged], [float(p) for p in v.p_value]
 
 
@@ -55,34 +54,11 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     root = tmp_path_factory.mktemp("mlserver")
     export_mlserver("mnist", root / "models" / "mnist", None, 32, 5.0)  # adaptive batching on
     export_mlserver("cifar10", root / "models" / "cifar10", None, 1, 0.0)  # off
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    (root / "settings.json").write_text(
-        f'{{"http_port": {http}, "grpc_port": {grpc}, "metrics_port": {metrics}, "parallel_workers": 0, "host": "127.0.0.1"}}'
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FISHERGUARD_", "MLSERVER_"))} | {"OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen(
-        [str(MLSERVER), "start", str(root)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    base = f"http://127.0.0.1:{http}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if all(httpx.get(f"{base}/v2/models/{m}/ready").status_code == 200 for m in ("mnist", "cifar10")):
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            proc.kill()
-            pytest.fail(f"MLServer did not get ready:\n{proc.communicate()[0][-4000:]}")
-        yield f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with running(root, ["mnist", "cifar10"], MLSERVER) as (http, grpc):
+            yield f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")

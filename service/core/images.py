@@ -92,3 +92,19 @@ def encode_png(x: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, "PNG")
     return buf.getvalue()
+
+
+def from_array(values: np.ndarray | list[bytes], datatype: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A tensor of pixels as the Open Inference Protocol carries them (docs/oip.md): FP32 in [0, 1] or
+    UINT8, (N, C, H, W) in the card's layout -> (N, C, H, W) float32 in [0, 1]; bad_image otherwise.
+    The service's /v2 and the MLServer runtime both convert through it."""
+    if datatype not in ("FP32", "UINT8") or not isinstance(values, np.ndarray):
+        raise bad_image(f"datatype {datatype} is not FP32 or UINT8")
+    if values.ndim != 4 or tuple(values.shape[1:]) != shape or values.shape[0] == 0:
+        raise bad_image(f"shape {list(values.shape)} is not [N, {', '.join(map(str, shape))}] with N >= 1")
+    x = torch.from_numpy(np.array(values, dtype=np.float32))
+    if datatype == "UINT8":
+        return x / 255
+    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise bad_image(f"FP32 pixels must be finite and in [0, 1] (min {x.min():.4g}, max {x.max():.4g})")
+    return x

@@ -66,10 +66,9 @@ def _from_folder(path: Path, classes: list[str], spec: Input) -> tuple[torch.Ten
     return torch.stack(xs), torch.tensor(folder.labels)
 
 
-def load_dataset(path: Path, split: str, classes: list[str], spec: Input | tuple[int, int, int]) -> Dataset:
+def load_dataset(path: Path, split: str, classes: list[str], spec: Input) -> Dataset:
     """Loads the test images of an npz file or a class-folder tree (decoded as the card's input says)
     and takes one half of the seeded split."""
-    spec = spec if isinstance(spec, Input) else Input(*spec)
     shape = spec.shape
     if path.is_dir():
         x, y = _from_folder(path, classes, spec)

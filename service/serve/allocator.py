@@ -9,7 +9,7 @@ the C library's malloc; `jemalloc` insists and fails when it is missing.
 jemalloc is started with `MALLOC_CONF` = `CONF` unless the environment sets its own: freed pages are
 kept for reuse rather than purged over the default 10 s decay. With the default, every large tensor
 (a 224×224 activation is tens of MB) came back as fresh pages, page-faulted on first touch: ResNet-50's
-forward+backward at batch 16 took 3.1 s instead of 1.3 s (docs/deployment.md#memory). The resident
+forward+backward at batch 16 took 3.3 s instead of 1.4 s (bench/results/allocator-cpu.json). The resident
 set then stays at its high-water mark, which a served model's bounded batch bounds.
 """
 

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.core.bundle import Bundle
+from service.core.images import ImageError, from_array
 from service.serve import handler, oip
 from service.serve.errors import ServiceError, bad_request
 from service.serve.oip import Tensor
@@ -138,17 +139,10 @@ def _outputs(request: oip.InferRequest, shown: bool, bundle: Bundle) -> list[oip
 
 def _pixels(t: Tensor, bundle: Bundle) -> list[torch.Tensor]:
     """FP32 in [0, 1] or UINT8 [N, C, H, W] in the card's layout -> N tensors (C, H, W)."""
-    c, h, w = bundle.input_shape
-    if t.datatype not in ("FP32", "UINT8"):
-        raise bad_request(f"input {PIXELS!r}: datatype {t.datatype} is not FP32 or UINT8")
-    if len(t.shape) != 4 or t.shape[1:] != (c, h, w) or t.shape[0] == 0:
-        raise bad_request(f"input {PIXELS!r}: shape {list(t.shape)} is not [N, {c}, {h}, {w}] with N >= 1 ({bundle.name}'s input)")
-    assert isinstance(t.data, np.ndarray)
-    x = torch.from_numpy(np.array(t.data, dtype=np.float32))
-    if t.datatype == "UINT8":
-        x = x / 255
-    elif not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        raise bad_request(f"input {PIXELS!r}: FP32 pixels must be finite and in [0, 1] (min {x.min():.4g}, max {x.max():.4g})")
+    try:
+        x = from_array(t.data, t.datatype, bundle.input_shape)
+    except ImageError as e:
+        raise bad_request(f"input {PIXELS!r}: {e.message} ({bundle.name}'s input)") from None
     return list(x.unbind(0))
 
 
