@@ -5,9 +5,10 @@ splits the clean calibration-half images at random into a fitting part and a hel
 every candidate decision on the fitting part (single scores one- or two-sided, and calibrated
 combinations — the smallest of several p-values, `service.calibration.Combination`), and measures
 on the held-out clean images (FPR) and on each attack (TPR, AUC). The rule: among the decisions that
-flag no control (uniform noise, JPEG) more than α + 0.015 at α = 0.05 or 0.01, the highest mean TPR over
+flag no benign control (noise, JPEG, blur, contrast, brightness) more than α + 0.015 at α = 0.05 or 0.01, the highest mean TPR over
 the attacks and both α — the issue's goal is set at 0.05, the service flags at 0.01 by default, so a
-decision must hold at both — then the highest worst-case TPR at α = 0.05:
+decision must hold at both — then the highest worst-case TPR at α = 0.05. When no decision is
+admissible, the one whose worst control is flagged least above α (rounded to 0.001), then the same:
 
     python -m bench.decision --scores /tmp/select-mnist/scores.npz --out bench/results/decision-mnist
 """
@@ -92,11 +93,20 @@ def measure(
     for alpha in ALPHAS:
         row[f"worst_control@{alpha}"] = max((c[f"tpr@{alpha}"] for c in controls), default=0.0)
         row[f"mean_tpr@{alpha}"] = float(np.mean([a[f"tpr@{alpha}"] for a in real]))
-    row["admissible"] = all(row[f"worst_control@{alpha}"] <= alpha + CONTROL_SLACK for alpha in ALPHAS)
+    row["control_excess"] = max(row[f"worst_control@{alpha}"] - alpha for alpha in ALPHAS)  # how far past α the worst control is flagged
+    row["admissible"] = row["control_excess"] <= CONTROL_SLACK
     row["mean_tpr"] = float(np.mean([row[f"mean_tpr@{alpha}"] for alpha in ALPHAS]))
     row["worst_tpr@0.05"] = min(a["tpr@0.05"] for a in real)
     row["worst_auc"] = min(a["auc"] for a in real)
     return row
+
+
+def rank(row: dict[str, Any]) -> tuple[bool, float, float, float]:
+    """The rule's order: admissible decisions first, by mean TPR then worst TPR at 0.05; after them the
+    inadmissible, the smallest excess of their worst control over α first (so that when no decision is
+    admissible the top row is the one that departs least from α on the controls), then the same."""
+    excess = 0.0 if row["admissible"] else row["control_excess"]
+    return (not row["admissible"], round(excess, 3), -row["mean_tpr"], -row["worst_tpr@0.05"])
 
 
 def main() -> None:
@@ -119,15 +129,15 @@ def main() -> None:
             if len({c.score for c in combo}) < r:
                 continue  # one tail per score
             rows.append(measure(combo, fit, held, attacks, Product if a.combine == "product" and r > 1 else Combination))
-    rows.sort(key=lambda row: (not row["admissible"], -row["mean_tpr"], -row["worst_tpr@0.05"]))
+    rows.sort(key=rank)
     names = list(rows[0]["attacks"])
     lines = [
         f"# Decision candidates on the calibration half ({a.scores}{'; p-values combined by their product' if a.combine == 'product' else ''})",
         "",
         f"Fitted on {half} clean calibration-half images, measured on the other {len(perm) - half} and on the attacks. "
-        f"TPR at α = 0.05 / 0.01 per attack. Decisions that flag a control (noise, JPEG) more often than α + {CONTROL_SLACK} "
-        "at either α are inadmissible and listed last; within each group sorted by the mean TPR over the non-control "
-        "attacks and both α, then the worst TPR at 0.05.",
+        f"TPR at α = 0.05 / 0.01 per attack. Decisions that flag a benign control more often than α + {CONTROL_SLACK} "
+        "at either α are inadmissible and listed last, the least excess of their worst control over α first; "
+        "then sorted by the mean TPR over the non-control attacks and both α, then the worst TPR at 0.05.",
         "",
         "| decision | admissible | clean FPR | mean TPR | mean TPR@0.05 | mean TPR@0.01 | worst TPR@0.05 | worst AUC | "
         + " | ".join(names)

@@ -1,5 +1,7 @@
-"""Where the shipped linear detectors put their weight: the share of |w| (on the standardised features,
-after the nuisance projection) carried by each group of features.
+"""Where the shipped detectors put their weight: the share of the weight (on the standardised features,
+after any nuisance projection) carried by each group of features — |w_f| for a linear detector; for the
+two-layer MLP the absolute path weight Σ_h |w2_h| · |w1_{h,f}|, what feature f can move the logit by
+through all hidden units.
 
     python -m bench.detector_weights --out bench/results/detector-weights.json
 
@@ -18,12 +20,23 @@ from service.core.bundle import load_bundle
 from service.core.features import group
 
 
+def feature_weights(w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(F,) float64: linear |proj w|; MLP Σ_h |w2_h| |(proj w1ᵀ)_{f,h}| (h·proj feeds the model, so proj folds into the first layer)."""
+    proj = w["proj"].double() if "proj" in w else None
+    if "w1" in w:
+        first = w["w1"].double().T  # (F, H)
+        first = proj @ first if proj is not None else first
+        return (first.abs() * w["w2"].double().abs()).sum(1)
+    lin = w["w"].double()
+    return (proj @ lin if proj is not None else lin).abs()
+
+
 def shares(name: str) -> dict[str, Any]:
     detector = load_bundle(name).detector
-    if detector is None or detector.kind != "linear":
-        raise ValueError(f"{name}: no linear detector")
-    w = detector.weights
-    weight = (w["proj"] @ w["w"] if "proj" in w else w["w"]).double().abs()  # (F,): h·proj·w = h·(proj w)
+    if detector is None:
+        raise ValueError(f"{name}: no learned detector")
+    weight = feature_weights(detector.weights)
+
     total = float(weight.sum())
     by_group: dict[str, dict[str, float]] = {}
     for feature, v in zip(detector.names, weight.tolist(), strict=True):

@@ -38,6 +38,31 @@ def test_shipped_mnist_bundle(mnist: Bundle, digits512) -> None:  # type: ignore
     assert "calibration half" in cal.data["description"]
 
 
+def test_the_channels_last_max_pool_is_nn_max_pool_bit_for_bit(mnist: Bundle, digits512) -> None:  # type: ignore[no-untyped-def]
+    """models.mnist.model.MaxPool2d against nn.MaxPool2d in the same network: logits, input gradients and
+    parameter gradients equal exactly, on digits (whose flat background ties every window) and on noise."""
+    import copy
+
+    from models.mnist.model import MaxPool2d
+
+    net = mnist.model
+    assert isinstance(net, torch.nn.Sequential)
+    plain = copy.deepcopy(net)
+    swapped = [i for i, m in enumerate(plain) if isinstance(m, MaxPool2d)]
+    assert swapped == [4, 8]
+    for i in swapped:
+        plain[i] = torch.nn.MaxPool2d(2)
+    x = torch.cat([digits512[0][:32], torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))])
+    grads = []
+    for model in (net, plain):
+        xr = x.clone().requires_grad_(True)
+        z = model(xr)
+        gx, *gp = torch.autograd.grad(z.log_softmax(1).amax(1).sum(), [xr, *model.parameters()])
+        grads.append((z, gx, gp))
+    (z0, gx0, gp0), (z1, gx1, gp1) = grads
+    assert torch.equal(z0, z1) and torch.equal(gx0, gx1) and all(torch.equal(a, b) for a, b in zip(gp0, gp1, strict=True))
+
+
 def test_shipped_cifar10_bundle() -> None:
     b = load_bundle("cifar10")
     assert b.input_shape == (3, 32, 32) and b.classes[:2] == ["airplane", "automobile"]

@@ -58,6 +58,25 @@ def test_a_decision_that_holds_only_at_alpha_005_is_not_chosen(tmp_path: Path, m
     assert rows[0]["mean_tpr"] == max(r["mean_tpr"] for r in rows if r["admissible"])
 
 
+def test_when_nothing_is_admissible_the_least_excess_over_alpha_comes_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both scores flag the blur control above α + 0.015; `margin` catches more attacks but flags the blur far
+    more: the fallback puts `feature_squeezing`, the decision that departs least from α on the controls, first."""
+    rng = np.random.default_rng(3)
+    n, m = 4000, 400
+    clean = {"margin": rng.normal(0, 1, n), "feature_squeezing": rng.normal(0, 1, n)}
+    attacks = {
+        "pgd": {"margin": rng.normal(-4, 1, m), "feature_squeezing": rng.normal(2.5, 1, m)},
+        "blur:1": {"margin": rng.normal(-3, 1, m), "feature_squeezing": rng.normal(0.6, 1, m)},
+    }
+    rows = select(tmp_path, monkeypatch, clean, attacks)
+    assert not any(r["admissible"] for r in rows)
+    by_name = {" + ".join(r["components"]): r for r in rows}
+    margin, fs = by_name["margin:one-sided"], by_name["feature_squeezing:one-sided"]
+    assert margin["mean_tpr"] > fs["mean_tpr"] and margin["control_excess"] > fs["control_excess"] > 0.015
+    assert rows[0]["control_excess"] == min(r["control_excess"] for r in rows)
+    assert rows.index(fs) < rows.index(margin)
+
+
 def test_the_product_combination_is_calibrated_like_the_minimum() -> None:
     """`--combine product` (Fisher's method) ranks by Π_j p_j and is calibrated on part B like the served minimum:
     its p-values on fresh clean images are valid (P(p ≤ α) ≈ α), and an image that two components both find

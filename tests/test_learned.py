@@ -52,6 +52,8 @@ def test_the_columns_are_what_their_definitions_say(name: str) -> None:
         eta = seeded_noise(x, 2)  # the antithetic pairs: x ± σ η_j
         noisy = [torch.log_softmax(model((x + sign * 0.05 * eta[:, j]).clamp(0, 1)).double(), 1) for j in range(2) for sign in (1, -1)]
     torch.testing.assert_close(raw.columns["squeeze_kl/median2"], _kl(lp, lq).clamp_min(1e-30).log10(), rtol=1e-3, atol=1e-5)
+    residual = torch.stack([((xi - median_2x2(xi[None])[0]).double() ** 2).mean() for xi in x]).log10()  # log10 mean((x − T x)²)
+    torch.testing.assert_close(raw.columns["residual/median2"], residual, rtol=1e-6, atol=1e-9)
     kl = torch.stack([_kl(lp, q) for q in noisy]).mean(0)
     torch.testing.assert_close(raw.columns["noise_kl"], kl.clamp_min(1e-30).log10(), rtol=1e-3, atol=1e-5)
     y = lp.argmax(1)
@@ -164,6 +166,38 @@ def test_training_separates_what_can_be_separated_and_keeps_controls_down(kind: 
     assert float((d @ projected.weights["proj"]).norm()) < 1e-9 * float(d.norm())  # blind to it by construction
 
 
+def test_nuisance_families_project_one_pooled_direction_per_family() -> None:
+    """Two noise strengths and a JPEG control: per control, three directions are projected out; with
+    `nuisance_families=("noise",)` one, the two noise specs' rows pooled, and the JPEG shift stays readable."""
+    rng = np.random.default_rng(1)
+
+    def table(n: int, dm: float, de: float) -> learn.Table:
+        return {
+            "margin": rng.normal(dm, 1, n),
+            "entropy": rng.normal(de, 1, n),
+            "shift": rng.normal(0, 1, (n, 3)),
+            "predicted": rng.integers(0, 3, n),
+        }
+
+    adv = {"pgd": table(300, 3, 3), "noise:0.05": table(300, 0, 2), "noise:0.1": table(300, 0, 4), "jpeg:50": table(300, 2, 0)}
+    a = learn.Sets(table(600, 0, 0), adv)
+    names, stats = ["margin", "entropy", "noise_shift"], learn.shift_stats(a.clean, 3)
+    controls = ["noise:0.05", "noise:0.1", "jpeg:50"]
+    families = {"noise:0.05": "noise", "noise:0.1": "noise", "jpeg:50": "jpeg"}
+    per_control = learn.train(a, ["pgd"], controls, learn.Options(SPEC, nuisance=True), names, stats, families)
+    pooled = learn.train(a, ["pgd"], controls, learn.Options(SPEC, nuisance=True, nuisance_families=("noise",)), names, stats, families)
+    rank = lambda p: int(torch.linalg.matrix_rank(torch.eye(3, dtype=p.dtype) - p))  # noqa: E731
+    assert rank(per_control.weights["proj"]) == 3 and rank(pooled.weights["proj"]) == 1
+    noise = torch.cat([pooled.matrix(learn.raw(a.adv[c])) for c in controls[:2]]).mean(0) - pooled.matrix(learn.raw(a.clean)).mean(0)
+    assert float((noise @ pooled.weights["proj"]).norm()) < 1e-9 * float(noise.norm())
+    jpeg = pooled.matrix(learn.raw(a.adv["jpeg:50"])).mean(0) - pooled.matrix(learn.raw(a.clean)).mean(0)
+    assert float((jpeg @ pooled.weights["proj"]).norm()) > 0.5 * float(jpeg.norm())
+    with pytest.raises(ValueError, match="not among the controls' families"):
+        learn.train(a, ["pgd"], controls, learn.Options(SPEC, nuisance=True, nuisance_families=("blur",)), names, stats, families)
+    with pytest.raises(ValueError, match="without nuisance"):
+        learn.Options(SPEC, nuisance_families=("noise",))
+
+
 @pytest.mark.slow
 def test_fit_detector_end_to_end_and_calibrate_on_part_b(tmp_path: Path, mnist: Bundle) -> None:
     """fit-detector on 96 fixture digits (parts A and B of 24), then calibrate on part B (part A is
@@ -238,3 +272,24 @@ def test_every_shipped_detector_column_has_a_group(name: str) -> None:
     assert groups.count("fisher") >= 17 and set(groups) == {"predictive", "fisher", "squeezing", "mahalanobis"}
     with pytest.raises(ValueError, match="belongs to no group"):
         group("novel_column")
+
+
+def test_detector_options_parse_and_rank() -> None:
+    """bench/detector_options.py: a configuration's words become learn.Options; acceptable configurations
+    rank first by mean TPR, the rest by their worst control's excess over α."""
+    from bench import detector_options as do
+
+    o = do.options("mlp cw=10 margin=8 nuisance=noise+gnoise without=residual", SPEC)
+    assert (o.kind, o.hidden, o.control_weight, o.control_margin, o.nuisance) == ("mlp", 64, 10.0, 8.0, True)
+    assert o.nuisance_families == ("noise", "gnoise") and o.without == ("residual",)
+    assert do.options("linear cw=3 nuisance=all", SPEC).nuisance_families == () and do.options("linear", SPEC).nuisance is False
+    for bad in ("svm cw=3", "mlp weight=3"):
+        with pytest.raises(ValueError, match="bad configuration"):
+            do.options(bad, SPEC)
+    rows = [
+        {"acceptable": False, "control_excess": 0.04, "mean_tpr": 0.99},
+        {"acceptable": True, "control_excess": 0.02, "mean_tpr": 0.70},
+        {"acceptable": False, "control_excess": 0.10, "mean_tpr": 0.999},
+        {"acceptable": True, "control_excess": 0.03, "mean_tpr": 0.80},
+    ]
+    assert [r["mean_tpr"] for r in sorted(rows, key=do.rank)] == [0.80, 0.70, 0.99, 0.999]

@@ -1,5 +1,6 @@
 """The shipped MNIST classifier: a small BatchNorm CNN (about 0.46M parameters)."""
 
+import torch
 from torch import Tensor, nn
 
 MEAN, STD = 0.1307, 0.3081
@@ -16,6 +17,16 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d computed in channels-last memory and handed on in the usual layout: the same values,
+    argmax indices (the first maximum of each window) and gradients, bit for bit (tests/test_bundle.py).
+    PyTorch's CPU max-pool kernel is vectorised over channels only in channels-last; in NCHW it took
+    about a quarter of this network's detector time (docs/performance.md#decision-cost)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 def build() -> nn.Module:
     """(N, 1, 28, 28) images in [0, 1] -> (N, 10) logits."""
     return nn.Sequential(
@@ -23,11 +34,11 @@ def build() -> nn.Module:
         nn.Conv2d(1, 32, 5, padding=2),
         nn.BatchNorm2d(32),
         nn.ReLU(),
-        nn.MaxPool2d(2),  # (N, 32, 14, 14)
+        MaxPool2d(2),  # (N, 32, 14, 14)
         nn.Conv2d(32, 64, 5, padding=2),
         nn.BatchNorm2d(64),
         nn.ReLU(),
-        nn.MaxPool2d(2),  # (N, 64, 7, 7)
+        MaxPool2d(2),  # (N, 64, 7, 7)
         nn.Flatten(),  # (N, 3136)
         nn.Linear(64 * 7 * 7, 128),
         nn.ReLU(),

@@ -26,7 +26,14 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     f.add_argument("--control-margin", type=float, default=0.0, help="fit the controls as if their logit were this much larger")
     f.add_argument("--nuisance", action="store_true", help="project out the directions the controls move the features in")
     f.add_argument(
-        "--without", default="", help="comma list of feature groups to leave out (an ablation): predictive, fisher, squeezing, mahalanobis"
+        "--nuisance-families",
+        default="",
+        help="with --nuisance: comma list of control families, one direction each (their specs pooled); default one per control",
+    )
+    f.add_argument(
+        "--without",
+        default="",
+        help="comma list of feature groups (predictive, fisher, squeezing, mahalanobis) or columns (e.g. residual) to leave out",
     )
     f.add_argument("--cache", type=Path, default=Path(".cache/attacks"), help="where attacked images are kept between runs")
     f.add_argument("--out", type=Path, help="default: <bundle>/detector.safetensors")
@@ -48,6 +55,7 @@ def run(a: argparse.Namespace) -> int:
         a.control_weight,
         a.control_margin,
         a.nuisance,
+        nuisance_families=tuple(f for f in a.nuisance_families.split(",") if f),
         without=tuple(g for g in a.without.split(",") if g),
     )
     collected = learn.collect(

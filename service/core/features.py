@@ -11,7 +11,10 @@ of its copies.
   and log10 of the mean KL(p(x) ‖ p(x ± σ η_j)) ≈ ½σ² tr G_x;
 - squeezing responses (Xu et al.'s squeezers, one column each): log10 KL(p(x) ‖ p(T x)), the drop of
   log p_ŷ under T, and the cosine between ∇_x s and what T removes, x − T x: the first-order part of the
-  drop, high when the image's fine detail points up the predicted class's gradient;
+  drop, high when the image's fine detail points up the predicted class's gradient; and log10 of the
+  mean square of that residual, mean((x − T x)²): how much fine detail the image has at all, against
+  which a detector reads the responses (noise moves the responses as an attack does, but with a
+  residual many times larger);
 - Mahalanobis distances (log10) when the bundle has a fit.
 
 Every column is differentiable in x (grad=True: double backprop through the profile, straight-through
@@ -35,7 +38,7 @@ def _straight_through(x: Tensor, fx: Tensor, grad: bool) -> Tensor:
     return x + (fx - x).detach() if grad else fx
 
 
-VERSION = 2  # of the columns' definitions: caches of features from another version are stale
+VERSION = 3  # of the columns' definitions: caches of features from another version are stale
 
 SQUEEZERS: dict[str, Callable[[Tensor, bool], Tensor]] = {
     "bits1": lambda x, g: _straight_through(x, bit_depth(x, 1), g),
@@ -50,7 +53,7 @@ SQUEEZERS: dict[str, Callable[[Tensor, bool], Tensor]] = {
 GROUPS = {  # the detector's columns by what they measure, keyed by the name before any "/"
     "predictive": ("margin", "entropy"),
     "fisher": ("log_sensitivity", "log_param_total", "log_feature_total", "param_share", "feature_share", "noise_kl", "noise_shift"),
-    "squeezing": ("squeeze_kl", "squeeze_drop", "align"),
+    "squeezing": ("squeeze_kl", "squeeze_drop", "align", "residual"),
     "mahalanobis": ("log_mahalanobis", "log_mahalanobis_layers"),
 }
 
@@ -158,6 +161,7 @@ def extract(
         cols[f"squeeze_drop/{q}"] = log_p.gather(1, y[:, None]).squeeze(1) - log_q[i].gather(1, y[:, None]).squeeze(1)
         r = (xr - copies[i]).double().flatten(1)  # (N, D) what the squeezer removes
         r = r if grad else r.detach()
+        cols[f"residual/{q}"] = _log10((r * r).mean(1))
         cols[f"align/{q}"] = (g * r).sum(1) / (g.norm(dim=1) * r.norm(dim=1)).clamp_min(1e-30)
     cols["noise_kl"] = _log10(_kl(log_p[None], log_q[t:]).mean(0))
     diff = zc64[t:] - zc64[t:].gather(2, y[None, :, None].expand(len(noisy), n, 1))  # (M, N, K): z_k − z_ŷ at each draw

@@ -45,13 +45,21 @@ class Options:
     control_weight: float = 3.0  # total weight of the controls, relative to the clean images'
     control_margin: float = 0.0  # the controls are fitted as if their logit were this much larger: pushed below the clean tail
     nuisance: bool = False  # make the model blind to the directions in which the controls move the features
+    nuisance_families: tuple[
+        str, ...
+    ] = ()  # with nuisance: one direction per listed control family (all its specs pooled), not one per control
     seed: int = 0
-    without: tuple[str, ...] = ()  # feature groups (core.features.GROUPS) left out, for ablations
+    without: tuple[str, ...] = ()  # feature groups (core.features.GROUPS) or columns by the name before any "/" left out
 
     def __post_init__(self) -> None:
-        unknown = [g for g in self.without if g not in GROUPS]
+        heads = {h for hs in GROUPS.values() for h in hs}
+        unknown = [g for g in self.without if g not in GROUPS and g not in heads]
         if unknown:
-            raise ValueError(f"unknown feature groups {unknown}; known: {', '.join(GROUPS)}")
+            raise ValueError(
+                f"unknown feature groups or columns {unknown}; groups: {', '.join(GROUPS)}; columns: {', '.join(sorted(heads))}"
+            )
+        if self.nuisance_families and not self.nuisance:
+            raise ValueError(f"nuisance families {list(self.nuisance_families)} given without nuisance: pass --nuisance as well")
 
 
 @dataclass
@@ -136,11 +144,27 @@ def raw(table: Table) -> RawFeatures:
     return RawFeatures(torch.zeros(0), torch.from_numpy(table["predicted"]).long(), cols, torch.from_numpy(table["shift"]))
 
 
+def by_family(groups: list[torch.Tensor], controls: Sequence[str], families: dict[str, str], opts: Options) -> list[torch.Tensor]:
+    """The controls' feature rows pooled per family of `opts.nuisance_families` (the others dropped), in that order."""
+    unknown = [f for f in opts.nuisance_families if f not in {families[c] for c in controls}]
+    if unknown:
+        raise ValueError(f"nuisance families {unknown} are not among the controls' families {sorted({families[c] for c in controls})}")
+    return [torch.cat([g for g, c in zip(groups, controls, strict=True) if families[c] == f]) for f in opts.nuisance_families]
+
+
 def train(
-    a: Sets, attacks: Sequence[str], controls: Sequence[str], opts: Options, names: list[str], stats: tuple[np.ndarray, np.ndarray]
+    a: Sets,
+    attacks: Sequence[str],
+    controls: Sequence[str],
+    opts: Options,
+    names: list[str],
+    stats: tuple[np.ndarray, np.ndarray],
+    families: dict[str, str] | None = None,
 ) -> LearnedDetector:
     """Fits the model: clean part-A images (weight 1 in all), the controls (`control_weight` in all, the
-    same for each) negatives; the attacks (weight 1 in all, the same for each) positives."""
+    same for each) negatives; the attacks (weight 1 in all, the same for each) positives. families maps
+    each control to its family (needed for `opts.nuisance_families`)."""
+    families = families or {c: c.split(":")[0] for c in controls}
     mu, sd = (torch.from_numpy(s) for s in stats)
     empty = LearnedDetector(opts.spec, tuple(names), mu, sd, torch.zeros(len(names)), torch.ones(len(names)), {})
     groups = (
@@ -156,7 +180,10 @@ def train(
     )
     mean, std = x.mean(0), x.std(0).clamp_min(1e-9)
     h = (x - mean) / std
-    proj = nuisance_projection([(m - mean) / std for m in mats[: 1 + len(controls)]]) if opts.nuisance and controls else None
+    proj = None
+    if opts.nuisance and controls:
+        scaled = [(m - mean) / std for m in mats[: 1 + len(controls)]]  # clean, then one per control
+        proj = nuisance_projection(scaled if not opts.nuisance_families else [scaled[0], *by_family(scaled[1:], controls, families, opts)])
     offset = torch.cat(
         [torch.full((len(m),), opts.control_margin if 0 < i <= len(controls) else 0.0, dtype=torch.float64) for i, m in enumerate(mats)]
     )
@@ -284,17 +311,22 @@ def collect(
     )
 
 
+def kept_columns(names: Sequence[str], opts: Options) -> list[str]:
+    """The detector's input columns: names less the groups and columns `opts.without` leaves out."""
+    return [n for n in names if group(n) not in opts.without and n.split("/")[0] not in opts.without]
+
+
 def fit(c: Collected, opts: Options) -> tuple[LearnedDetector, dict[str, Any]]:
     """The detector trained on every training attack, and the report: per spec its part-B row when
     trained on everything (seen) and without its family (leave one family out)."""
     a, b = c.sets["a"], c.sets["b"]
-    names = [n for n in c.names if group(n) not in opts.without]
-    detector = train(a, c.attacks, c.controls, opts, names, c.stats)
+    names = kept_columns(c.names, opts)
+    detector = train(a, c.attacks, c.controls, opts, names, c.stats, c.families)
     rows: dict[str, Any] = {}
     for name in c.attacks + c.controls:
         rows[name] = {"family": c.families[name], "control": name in c.controls, "seen": measure(detector, b.clean, b.adv[name])}
     for family in sorted({c.families[x] for x in c.attacks}):
-        without = train(a, [x for x in c.attacks if c.families[x] != family], c.controls, opts, names, c.stats)
+        without = train(a, [x for x in c.attacks if c.families[x] != family], c.controls, opts, names, c.stats, c.families)
         for name in (x for x in c.attacks if c.families[x] == family):
             rows[name]["left_out"] = measure(without, b.clean, b.adv[name])
     detector.meta = {
@@ -310,6 +342,7 @@ def fit(c: Collected, opts: Options) -> tuple[LearnedDetector, dict[str, Any]]:
             "control_weight": opts.control_weight,
             "control_margin": opts.control_margin,
             "nuisance": opts.nuisance,
+            "nuisance_families": list(opts.nuisance_families),
             "seed": opts.seed,
             "without": list(opts.without),
         },
