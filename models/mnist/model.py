@@ -24,7 +24,11 @@ class MaxPool2d(nn.MaxPool2d):
     about a quarter of this network's detector time (docs/performance.md#decision-cost)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        try:
+            nhwc = x.contiguous(memory_format=torch.channels_last)
+        except RuntimeError:  # inside torch.func.vmap, which keeps one memory format: pool as it comes
+            return super().forward(x)
+        return super().forward(nhwc).contiguous()
 
 
 def build() -> nn.Module:
