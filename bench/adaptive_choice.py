@@ -1,13 +1,14 @@
-"""The adaptive attack against candidate decisions on the calibration half (docs/detection.md#choosing-a-decision).
+"""Attacks against candidate decisions on the calibration half (docs/detection.md#choosing-a-decision).
 
     python -m bench.adaptive_choice --bundles models/mnist,/tmp/mnist-previous --attacks adaptive:0.3:10,adaptive_l2:3:10 \
       --limit 100 --out bench/results/adaptive-choice-mnist
 
-For each bundle directory (the same weights, different detectors or calibrations): the harness's
-adaptive attack against that bundle's own decision on a seeded subset of the correctly classified
-part-B images, 8-bit quantised as every attack is; the share that ends misclassified *and* unflagged
-at α = 0.05 and 0.01. Only the attacked images are scored (not the whole clean half), so a
-comparison costs minutes.
+For each bundle directory (the same weights, different detectors or calibrations): each attack spec
+(the harness's adaptive attack is run against that bundle's own decision) on a seeded subset of the
+correctly classified part-B images, 8-bit quantised as every attack is; the share that ends
+misclassified *and* unflagged at α = 0.05 and 0.01, and the share flagged (for a benign control, its
+flag rate). Only the attacked images are scored (not the whole clean half), so a comparison costs
+minutes.
 """
 
 import argparse
@@ -46,6 +47,7 @@ def measure(path: str, attacks: list[str], limit: int) -> dict[str, Any]:
         for alpha in ALPHAS:
             flagged = decision.decide(cal, scored.thresholded(), alpha, scored.predicted.numpy()).flagged
             row[f"unflagged_success@{alpha}"] = float((wrong & ~flagged).mean())
+            row[f"flagged@{alpha}"] = float(flagged.mean())
         out["attacks"][spec] = row
         print(path, spec, row, flush=True)
     return out
@@ -54,7 +56,7 @@ def measure(path: str, attacks: list[str], limit: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--bundles", required=True, help="comma list of bundle directories or names")
-    ap.add_argument("--attacks", required=True, help="comma list of adaptive attack specs")
+    ap.add_argument("--attacks", required=True, help="comma list of attack or control specs")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)

@@ -39,8 +39,9 @@ def test_shipped_mnist_bundle(mnist: Bundle, digits512) -> None:  # type: ignore
 
 
 def test_the_channels_last_max_pool_is_nn_max_pool_bit_for_bit(mnist: Bundle, digits512) -> None:  # type: ignore[no-untyped-def]
-    """models.mnist.model.MaxPool2d against nn.MaxPool2d in the same network: logits, input gradients and
-    parameter gradients equal exactly, on digits (whose flat background ties every window) and on noise."""
+    """models.mnist.model.MaxPool2d against nn.MaxPool2d in the same network: logits (with and without
+    gradients), input and parameter gradients equal exactly, on digits (whose flat background ties every
+    window) and on noise."""
     import copy
 
     from models.mnist.model import MaxPool2d
@@ -61,6 +62,8 @@ def test_the_channels_last_max_pool_is_nn_max_pool_bit_for_bit(mnist: Bundle, di
         grads.append((z, gx, gp))
     (z0, gx0, gp0), (z1, gx1, gp1) = grads
     assert torch.equal(z0, z1) and torch.equal(gx0, gx1) and all(torch.equal(a, b) for a, b in zip(gp0, gp1, strict=True))
+    with torch.no_grad():  # the channels-last path
+        assert torch.equal(net(x), plain(x))
 
 
 def test_shipped_cifar10_bundle() -> None:

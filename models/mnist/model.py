@@ -18,12 +18,15 @@ class Normalize(nn.Module):
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d computed in channels-last memory and handed on in the usual layout: the same values,
-    argmax indices (the first maximum of each window) and gradients, bit for bit (tests/test_bundle.py).
-    PyTorch's CPU max-pool kernel is vectorised over channels only in channels-last; in NCHW it took
-    about a quarter of this network's detector time (docs/performance.md#decision-cost)."""
+    """nn.MaxPool2d that pools forward-only passes (no gradient wanted: the detector's copies) in
+    channels-last memory and hands them on in the usual layout: the same values, bit for bit
+    (tests/test_bundle.py). PyTorch's CPU max-pool kernel is vectorised over channels only in
+    channels-last; in NCHW it took about a quarter of this network's detector time
+    (docs/performance.md#decision-cost). Passes to differentiate stay NCHW, whose backward is faster."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # a pass to differentiate: NCHW, whose backward is the faster one
+            return super().forward(x)
         try:
             nhwc = x.contiguous(memory_format=torch.channels_last)
         except RuntimeError:  # inside torch.func.vmap, which keeps one memory format: pool as it comes
