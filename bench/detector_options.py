@@ -68,23 +68,17 @@ def options(text: str, spec: FeatureSpec) -> learn.Options:
 
 
 def row(c: learn.Collected, name: str, opts: learn.Options) -> dict[str, Any]:
-    """One configuration: trained on part A (and without each family), measured on part B."""
-    a, b = c.sets["a"], c.sets["b"]
-    names = learn.kept_columns(c.names, opts)
-    det = learn.train(a, c.attacks, c.controls, opts, names, c.stats, c.families)
-    rows = {s: learn.measure(det, b.clean, b.adv[s]) for s in c.attacks + c.controls}
-    left_out = []
-    for family in sorted({c.families[s] for s in c.attacks}):
-        without = learn.train(a, [s for s in c.attacks if c.families[s] != family], c.controls, opts, names, c.stats, c.families)
-        left_out += [learn.measure(without, b.clean, b.adv[s])["tpr@0.05"] for s in c.attacks if c.families[s] == family]
-    out: dict[str, Any] = {"options": name, "features": len(names), "rows": rows}
+    """One configuration, as `fisherguard fit-detector` trains and measures it (learn.fit: part A, part B,
+    each family left out), summarised."""
+    detector, report = learn.fit(c, opts)
+    rows = {s: r["seen"] for s, r in report["rows"].items()}
+    out: dict[str, Any] = {"options": name, "features": len(detector.names), "rows": rows}
     for alpha in ALPHAS:
         out[f"mean_tpr@{alpha}"] = float(np.mean([rows[s][f"tpr@{alpha}"] for s in c.attacks]))
         out[f"worst_control@{alpha}"] = max(rows[s][f"tpr@{alpha}"] for s in c.controls)
-        bound = alpha + GOAL_SLACK + math.sqrt(alpha * (1 - alpha) / min(rows[s]["n"] for s in c.controls))
-        out[f"bound@{alpha}"] = bound
+        out[f"bound@{alpha}"] = alpha + GOAL_SLACK + math.sqrt(alpha * (1 - alpha) / min(rows[s]["n"] for s in c.controls))
     out["mean_tpr"] = float(np.mean([out[f"mean_tpr@{alpha}"] for alpha in ALPHAS]))
-    out["left_out_tpr@0.05"] = float(np.mean(left_out))
+    out["left_out_tpr@0.05"] = float(np.mean([report["rows"][s]["left_out"]["tpr@0.05"] for s in c.attacks]))
     out["acceptable"] = all(out[f"worst_control@{alpha}"] <= out[f"bound@{alpha}"] for alpha in ALPHAS)
     out["control_excess"] = max(out[f"worst_control@{alpha}"] - alpha for alpha in ALPHAS)
     return out

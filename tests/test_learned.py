@@ -136,20 +136,23 @@ def test_the_model_computes_its_formula_and_survives_its_file(kind: str, tmp_pat
     torch.testing.assert_close(back.logit(raw), det.logit(raw))
 
 
+def _table(rng: np.random.Generator, n: int, dm: float, de: float) -> learn.Table:
+    """n synthetic rows: `margin` ~ N(dm, 1), `entropy` ~ N(de, 1), noise shifts (n, 3), predicted classes of 3."""
+    return {
+        "margin": rng.normal(dm, 1, n),
+        "entropy": rng.normal(de, 1, n),
+        "shift": rng.normal(0, 1, (n, 3)),
+        "predicted": rng.integers(0, 3, n),
+    }
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_training_separates_what_can_be_separated_and_keeps_controls_down(kind: str) -> None:
     """Synthetic columns: the attacks are shifted in `margin` and `entropy`, a control in `entropy` as far:
     weighted far above the clean images together, the control teaches the model to ignore entropy;
     without it, the model flags the control too."""
     rng = np.random.default_rng(0)
-
-    def table(n: int, dm: float, de: float) -> learn.Table:
-        return {
-            "margin": rng.normal(dm, 1, n),
-            "entropy": rng.normal(de, 1, n),
-            "shift": rng.normal(0, 1, (n, 3)),
-            "predicted": rng.integers(0, 3, n),
-        }
+    table = lambda n, dm, de: _table(rng, n, dm, de)  # noqa: E731
 
     a = learn.Sets(table(600, 0, 0), {"pgd": table(300, 3, 3), "noise": table(300, 0, 3)})
     names = ["margin", "entropy", "noise_shift"]
@@ -170,14 +173,7 @@ def test_nuisance_families_project_one_pooled_direction_per_family() -> None:
     """Two noise strengths and a JPEG control: per control, three directions are projected out; with
     `nuisance_families=("noise",)` one, the two noise specs' rows pooled, and the JPEG shift stays readable."""
     rng = np.random.default_rng(1)
-
-    def table(n: int, dm: float, de: float) -> learn.Table:
-        return {
-            "margin": rng.normal(dm, 1, n),
-            "entropy": rng.normal(de, 1, n),
-            "shift": rng.normal(0, 1, (n, 3)),
-            "predicted": rng.integers(0, 3, n),
-        }
+    table = lambda n, dm, de: _table(rng, n, dm, de)  # noqa: E731
 
     adv = {"pgd": table(300, 3, 3), "noise:0.05": table(300, 0, 2), "noise:0.1": table(300, 0, 4), "jpeg:50": table(300, 2, 0)}
     a = learn.Sets(table(600, 0, 0), adv)

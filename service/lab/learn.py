@@ -164,7 +164,6 @@ def train(
     """Fits the model: clean part-A images (weight 1 in all), the controls (`control_weight` in all, the
     same for each) negatives; the attacks (weight 1 in all, the same for each) positives. families maps
     each control to its family (needed for `opts.nuisance_families`)."""
-    families = families or {c: c.split(":")[0] for c in controls}
     mu, sd = (torch.from_numpy(s) for s in stats)
     empty = LearnedDetector(opts.spec, tuple(names), mu, sd, torch.zeros(len(names)), torch.ones(len(names)), {})
     groups = (
@@ -183,7 +182,11 @@ def train(
     proj = None
     if opts.nuisance and controls:
         scaled = [(m - mean) / std for m in mats[: 1 + len(controls)]]  # clean, then one per control
-        proj = nuisance_projection(scaled if not opts.nuisance_families else [scaled[0], *by_family(scaled[1:], controls, families, opts)])
+        if opts.nuisance_families and families is None:
+            raise ValueError("nuisance families need each control's family")
+        proj = nuisance_projection(
+            scaled if not opts.nuisance_families else [scaled[0], *by_family(scaled[1:], controls, families or {}, opts)]
+        )
     offset = torch.cat(
         [torch.full((len(m),), opts.control_margin if 0 < i <= len(controls) else 0.0, dtype=torch.float64) for i, m in enumerate(mats)]
     )
