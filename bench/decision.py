@@ -93,12 +93,19 @@ def measure(
     for alpha in ALPHAS:
         row[f"worst_control@{alpha}"] = max((c[f"tpr@{alpha}"] for c in controls), default=0.0)
         row[f"mean_tpr@{alpha}"] = float(np.mean([a[f"tpr@{alpha}"] for a in real]))
-    row["control_excess"] = max(row[f"worst_control@{alpha}"] - alpha for alpha in ALPHAS)  # how far past α the worst control is flagged
+    row["control_excess"] = excess_over_alpha({alpha: row[f"worst_control@{alpha}"] for alpha in ALPHAS})
     row["admissible"] = row["control_excess"] <= CONTROL_SLACK
     row["mean_tpr"] = float(np.mean([row[f"mean_tpr@{alpha}"] for alpha in ALPHAS]))
     row["worst_tpr@0.05"] = min(a["tpr@0.05"] for a in real)
     row["worst_auc"] = min(a["auc"] for a in real)
     return row
+
+
+def excess_over_alpha(worst_control: Mapping[float, float]) -> float:
+    """How far past α the worst control is flagged, max over α of (rate − α), rounded to 1e-9: the rates
+    are counts over a few hundred images, and 0.025 − 0.01 is 0.015000000000000001 in floating point,
+    which must not make a control flagged at exactly α + CONTROL_SLACK inadmissible."""
+    return round(max(rate - alpha for alpha, rate in worst_control.items()), 9)
 
 
 def rank(row: dict[str, Any]) -> tuple[bool, float, float, float]:

@@ -127,6 +127,7 @@ def test_adaptive_penalty_is_zero_inside_and_grows_outside_the_clean_range() -> 
         "fisher_input_trace",
         "fisher_param_trace",
         "feature_squeezing",
+        "fisher_noise_kl",
         "mahalanobis",
         "mahalanobis_layers",
     ],

@@ -129,3 +129,13 @@ def test_mondrian_references_refuse_values_a_combination_was_not_fitted_on() -> 
     cal, clean, labels = _two_class_calibration(np.random.default_rng(6), 400, combined=True)
     with pytest.raises(ValueError, match="not the ones the combination was fitted on"):
         mondrian_references(cal, {k: v[::-1] for k, v in clean.items()}, labels[::-1])
+
+
+def test_a_control_flagged_at_exactly_alpha_plus_the_slack_is_admissible() -> None:
+    """5 of 200 images at α = 0.01 is 0.025 = α + 0.015, inside the rule; 0.025 − 0.01 in floating point is
+    0.015000000000000001, which a plain comparison took for an excess."""
+    assert 0.025 - 0.01 > decision.CONTROL_SLACK  # the floating-point trap the rule must not fall into
+    assert decision.excess_over_alpha({0.05: 0.05, 0.01: 5 / 200}) <= decision.CONTROL_SLACK
+    assert decision.excess_over_alpha({0.05: 13 / 200, 0.01: 0.0}) <= decision.CONTROL_SLACK
+    assert decision.excess_over_alpha({0.05: 0.05, 0.01: 6 / 200}) > decision.CONTROL_SLACK
+    assert decision.excess_over_alpha({0.05: 14 / 200, 0.01: 0.0}) > decision.CONTROL_SLACK

@@ -28,8 +28,10 @@ from service.core.calibration import Component
 from service.core.features import extract
 from service.core.learned import LearnedDetector
 from service.core.scores import SCORES
+from service.fisher.scores import to_log10
 from service.fisher import functional
 from service.fisher.basics import entropy, log_odds, predicted
+from service.fisher.noise import seeded_noise
 from service.lab.attacks import l2_norm
 from service.lab.attacks import margin as margin_of
 
@@ -70,10 +72,28 @@ def log10_sensitivity(model: nn.Module, x: Tensor) -> Tensor:
     return g.flatten(1).pow(2).sum(1).clamp_min(1e-30).log10()
 
 
-def surrogates(mahalanobis: Mahalanobis | None, detector: LearnedDetector | None = None) -> dict[str, Surrogate]:
+def noise_kl(sigma: float, samples: int) -> Surrogate:
+    """log10 (1/M) Σ_m KL(p(x) ‖ p(clip₀¹(x + σ η_m))), differentiable in x through both sides, η the draw the
+    served score takes at this x (seeded by the image: service.fisher.noise). -> (N,) float64."""
+
+    def kl(model: nn.Module, x: Tensor) -> Tensor:
+        xs = (x[:, None] + sigma * seeded_noise(x, samples)).clamp(0.0, 1.0).flatten(0, 1)  # (N·M, C, H, W)
+        log_p = torch.log_softmax(model(x).double(), 1)  # (N, K)
+        log_q = torch.log_softmax(model(xs).double(), 1).view(len(x), samples, -1)  # (N, M, K)
+        return to_log10("fisher_noise_kl", (log_p.exp()[:, None] * (log_p[:, None] - log_q)).sum(2).mean(1))
+
+    return kl
+
+
+def surrogates(
+    mahalanobis: Mahalanobis | None,
+    detector: LearnedDetector | None = None,
+    noise_sigma: float = 0.1,
+    noise_samples: int = 16,
+) -> dict[str, Surrogate]:
     """The decision scores an adaptive attacker can differentiate, in the calibration's thresholded form.
-    The learned detector's features are differentiated exactly, through the noise draw its served value
-    takes (seeded by the current image)."""
+    The learned detector's features and `fisher_noise_kl` (σ and M as the calibration scored it) are
+    differentiated exactly, through the noise draw their served value takes (seeded by the current image)."""
     table: dict[str, Surrogate] = {
         "confidence": lambda m, x: torch.softmax(m(x), 1).amax(1),
         "entropy": lambda m, x: entropy(torch.log_softmax(m(x), 1)),
@@ -82,6 +102,7 @@ def surrogates(mahalanobis: Mahalanobis | None, detector: LearnedDetector | None
         "fisher_input_trace": log10_input_trace,
         "fisher_param_trace": log10_param_trace,
         "feature_squeezing": lambda m, x: feature_squeezing(m, x, grad=True),
+        "fisher_noise_kl": noise_kl(noise_sigma, noise_samples),
     }
     if mahalanobis is not None:
         table["mahalanobis"] = lambda m, x: mahalanobis.score(m, x, grad=True)
@@ -115,9 +136,11 @@ def targets(
     mahalanobis: Mahalanobis | None,
     alpha: float = 0.05,
     detector: LearnedDetector | None = None,
+    noise_sigma: float = 0.1,
+    noise_samples: int = 16,
 ) -> list[Target]:
     """Targets for a decision's components from the clean calibration values (thresholded form)."""
-    table = surrogates(mahalanobis, detector)
+    table = surrogates(mahalanobis, detector, noise_sigma, noise_samples)
     out = []
     for c in components:
         if c.score not in table:

@@ -167,5 +167,6 @@ def _adaptive(bundle: Bundle | None, eps: float, norm: str, kappa: float) -> Att
     if bundle is None or cal is None:
         raise ValueError("the adaptive attack needs a calibrated bundle: it attacks the bundle's decision")
     components = cal.combination.components if cal.combination else (Component(cal.statistic, cal.tail),)
-    penalty = adaptive.decision_penalty(adaptive.targets(cal.values, components, bundle.mahalanobis, detector=bundle.detector))
+    noise = {k: cal.score_options[k] for k in ("noise_sigma", "noise_samples") if k in cal.score_options}
+    penalty = adaptive.decision_penalty(adaptive.targets(cal.values, components, bundle.mahalanobis, detector=bundle.detector, **noise))
     return lambda m, x, y: adaptive.adaptive_pgd(m, x, y, eps, penalty, kappa=kappa, norm=norm)
