@@ -126,7 +126,8 @@ def start(oracle: Oracle, pool: np.ndarray, pool_y: np.ndarray, batch: int = 16)
 
 
 def hop_skip_jump(oracle: Oracle, init: np.ndarray, iters: int) -> np.ndarray:
-    """ART's HopSkipJump, untargeted, on the oracle's answers, from `init`; the final image (C, H, W)."""
+    """ART's HopSkipJump, untargeted, on the oracle's answers, from `init`; the final image (C, H, W), or
+    when the oracle's CAP on queries stops it, the nearest image the service passed."""
     from art.attacks.evasion import HopSkipJump
     from art.estimators.classification import BlackBoxClassifier
 
@@ -134,7 +135,10 @@ def hop_skip_jump(oracle: Oracle, init: np.ndarray, iters: int) -> np.ndarray:
     attack = HopSkipJump(
         box, batch_size=128, norm=np.inf if oracle.norm == "linf" else 2, max_iter=iters, max_eval=1000, init_eval=100, verbose=False
     )
-    adv = attack.generate(oracle.x0[None], y=np.eye(oracle.k)[[oracle.y]], x_adv_init=init[None])
+    try:
+        adv = attack.generate(oracle.x0[None], y=np.eye(oracle.k)[[oracle.y]], x_adv_init=init[None])
+    except Budget:  # out of queries: the attacker keeps the nearest image the service passed
+        return oracle.best if oracle.best is not None else init
     return np.asarray(adv[0], dtype=np.float32)
 
 
@@ -156,6 +160,7 @@ def query_only(bundle: Bundle, data: Dataset, pool: Dataset, norm: str, eps: flo
                 "first_success": oracle.first_success,
                 "final_distance": d,
                 "final_success": bool(cls[0] != y and not flags[0] and d <= eps * (1 + 1e-6)),
+                "capped": oracle.queries >= CAP,
                 "flagged_queries": oracle.flagged,
                 "near_duplicate_queries": oracle.near,
                 "seconds": round(time.perf_counter() - t0, 1),
@@ -175,6 +180,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "median_queries_to_success": float(np.median(hits)) if hits else None,
         "median_final_distance": float(np.median([r["final_distance"] for r in rows])),
         "queries_per_image": q / n,
+        "capped_images": sum(1 for r in rows if r.get("capped")),
         "flagged_share_of_queries": sum(r["flagged_queries"] for r in rows) / max(q, 1),
         "near_duplicate_share_of_queries": sum(r["near_duplicate_queries"] for r in rows) / max(q, 1),
         "seconds_per_image": float(np.median([r["seconds"] for r in rows])),

@@ -18,12 +18,18 @@ def seeded_noise(x: Tensor, samples: int) -> Tensor:
     return torch.stack(draws).to(x.device)
 
 
-@torch.no_grad()
-def noise_kl(model: nn.Module, x: Tensor, log_p: Tensor, sigma: float, samples: int) -> Tensor:
-    """(1/M) Σ_m KL(p(x) ‖ p(clip₀¹(x + σ η_m))). x (N, C, H, W), log_p (N, K) float64 -> (N,) float64."""
-    xs = (x.detach()[:, None] + sigma * seeded_noise(x, samples)).clamp(0.0, 1.0).flatten(0, 1)  # (N·M, C, H, W)
+def neighbourhood_kl(model: nn.Module, x: Tensor, log_p: Tensor, sigma: float, samples: int) -> Tensor:
+    """(1/M) Σ_m KL(p(x) ‖ p(clip₀¹(x + σ η_m))), differentiable in x and log_p (the draws η are not).
+    x (N, C, H, W), log_p (N, K) float64 -> (N,) float64."""
+    xs = (x[:, None] + sigma * seeded_noise(x, samples)).clamp(0.0, 1.0).flatten(0, 1)  # (N·M, C, H, W)
     log_q = torch.log_softmax(model(xs).double(), dim=1).view(len(x), samples, -1)  # (N, M, K)
     return (log_p.exp()[:, None] * (log_p[:, None] - log_q)).sum(2).mean(1)
+
+
+@torch.no_grad()
+def noise_kl(model: nn.Module, x: Tensor, log_p: Tensor, sigma: float, samples: int) -> Tensor:
+    """The served `fisher_noise_kl`: neighbourhood_kl without gradients. -> (N,) float64."""
+    return neighbourhood_kl(model, x.detach(), log_p, sigma, samples)
 
 
 @torch.no_grad()

@@ -28,10 +28,10 @@ from service.core.calibration import Component
 from service.core.features import extract
 from service.core.learned import LearnedDetector
 from service.core.scores import SCORES
-from service.fisher.scores import to_log10
 from service.fisher import functional
 from service.fisher.basics import entropy, log_odds, predicted
-from service.fisher.noise import seeded_noise
+from service.fisher.noise import neighbourhood_kl
+from service.fisher.scores import to_log10
 from service.lab.attacks import l2_norm
 from service.lab.attacks import margin as margin_of
 
@@ -73,14 +73,12 @@ def log10_sensitivity(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def noise_kl(sigma: float, samples: int) -> Surrogate:
-    """log10 (1/M) Σ_m KL(p(x) ‖ p(clip₀¹(x + σ η_m))), differentiable in x through both sides, η the draw the
-    served score takes at this x (seeded by the image: service.fisher.noise). -> (N,) float64."""
+    """log10 (1/M) Σ_m KL(p(x) ‖ p(clip₀¹(x + σ η_m))), differentiable in x through both sides, η the draw
+    the served score takes at this x (seeded by the image: service.fisher.noise). -> (N,) float64."""
 
     def kl(model: nn.Module, x: Tensor) -> Tensor:
-        xs = (x[:, None] + sigma * seeded_noise(x, samples)).clamp(0.0, 1.0).flatten(0, 1)  # (N·M, C, H, W)
         log_p = torch.log_softmax(model(x).double(), 1)  # (N, K)
-        log_q = torch.log_softmax(model(xs).double(), 1).view(len(x), samples, -1)  # (N, M, K)
-        return to_log10("fisher_noise_kl", (log_p.exp()[:, None] * (log_p[:, None] - log_q)).sum(2).mean(1))
+        return to_log10("fisher_noise_kl", neighbourhood_kl(model, x, log_p, sigma, samples))
 
     return kl
 
