@@ -21,11 +21,10 @@ class MaxPool2d(nn.MaxPool2d):
     """nn.MaxPool2d that pools forward-only passes (no gradient wanted: the detector's copies) in
     channels-last memory and hands them on in the usual layout: the same values, bit for bit
     (tests/test_bundle.py). PyTorch's CPU max-pool kernel is vectorised over channels only in
-    channels-last; in NCHW it took about a quarter of this network's detector time
-    (docs/performance.md#decision-cost). Passes to differentiate stay NCHW, whose backward is faster."""
+    channels-last (docs/performance.md#decision-cost). Passes to differentiate stay NCHW."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.requires_grad and torch.is_grad_enabled():  # a pass to differentiate: NCHW, whose backward is the faster one
+        if x.requires_grad and torch.is_grad_enabled():  # a pass to differentiate stays NCHW
             return super().forward(x)
         try:
             nhwc = x.contiguous(memory_format=torch.channels_last)

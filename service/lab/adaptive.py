@@ -31,6 +31,7 @@ from service.core.scores import SCORES
 from service.fisher import functional
 from service.fisher.basics import entropy, log_odds, predicted
 from service.fisher.noise import neighbourhood_kl
+from service.fisher.plan import Options as FisherOptions
 from service.fisher.scores import to_log10
 from service.lab.attacks import l2_norm
 from service.lab.attacks import margin as margin_of
@@ -86,8 +87,8 @@ def noise_kl(sigma: float, samples: int) -> Surrogate:
 def surrogates(
     mahalanobis: Mahalanobis | None,
     detector: LearnedDetector | None = None,
-    noise_sigma: float = 0.1,
-    noise_samples: int = 16,
+    noise_sigma: float = FisherOptions.noise_sigma,
+    noise_samples: int = FisherOptions.noise_samples,
 ) -> dict[str, Surrogate]:
     """The decision scores an adaptive attacker can differentiate, in the calibration's thresholded form.
     The learned detector's features and `fisher_noise_kl` (σ and M as the calibration scored it) are
@@ -134,8 +135,8 @@ def targets(
     mahalanobis: Mahalanobis | None,
     alpha: float = 0.05,
     detector: LearnedDetector | None = None,
-    noise_sigma: float = 0.1,
-    noise_samples: int = 16,
+    noise_sigma: float = FisherOptions.noise_sigma,
+    noise_samples: int = FisherOptions.noise_samples,
 ) -> list[Target]:
     """Targets for a decision's components from the clean calibration values (thresholded form)."""
     table = surrogates(mahalanobis, detector, noise_sigma, noise_samples)

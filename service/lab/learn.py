@@ -45,9 +45,8 @@ class Options:
     control_weight: float = 3.0  # total weight of the controls, relative to the clean images'
     control_margin: float = 0.0  # the controls are fitted as if their logit were this much larger: pushed below the clean tail
     nuisance: bool = False  # make the model blind to the directions in which the controls move the features
-    nuisance_families: tuple[
-        str, ...
-    ] = ()  # with nuisance: one direction per listed control family (all its specs pooled), not one per control
+    # with nuisance: one direction per listed control family (all its specs pooled), not one per control
+    nuisance_families: tuple[str, ...] = ()
     seed: int = 0
     without: tuple[str, ...] = ()  # feature groups (core.features.GROUPS) or columns by the name before any "/" left out
 
@@ -144,8 +143,10 @@ def raw(table: Table) -> RawFeatures:
     return RawFeatures(torch.zeros(0), torch.from_numpy(table["predicted"]).long(), cols, torch.from_numpy(table["shift"]))
 
 
-def by_family(groups: list[torch.Tensor], controls: Sequence[str], families: dict[str, str], opts: Options) -> list[torch.Tensor]:
+def by_family(groups: list[torch.Tensor], controls: Sequence[str], families: dict[str, str] | None, opts: Options) -> list[torch.Tensor]:
     """The controls' feature rows pooled per family of `opts.nuisance_families` (the others dropped), in that order."""
+    if families is None:
+        raise ValueError("nuisance families need each control's family")
     unknown = [f for f in opts.nuisance_families if f not in {families[c] for c in controls}]
     if unknown:
         raise ValueError(f"nuisance families {unknown} are not among the controls' families {sorted({families[c] for c in controls})}")
@@ -182,11 +183,8 @@ def train(
     proj = None
     if opts.nuisance and controls:
         scaled = [(m - mean) / std for m in mats[: 1 + len(controls)]]  # clean, then one per control
-        if opts.nuisance_families and families is None:
-            raise ValueError("nuisance families need each control's family")
-        proj = nuisance_projection(
-            scaled if not opts.nuisance_families else [scaled[0], *by_family(scaled[1:], controls, families or {}, opts)]
-        )
+        shifted = by_family(scaled[1:], controls, families, opts) if opts.nuisance_families else scaled[1:]
+        proj = nuisance_projection([scaled[0], *shifted])
     offset = torch.cat(
         [torch.full((len(m),), opts.control_margin if 0 < i <= len(controls) else 0.0, dtype=torch.float64) for i, m in enumerate(mats)]
     )
