@@ -25,7 +25,8 @@ def test_healthz_and_readyz(client: TestClient) -> None:
 
 
 COMPONENTS = [
-    {"score": "feature_squeezing", "tail": "one-sided"},
+    {"score": "squeeze_drop", "tail": "one-sided"},
+    {"score": "mahalanobis", "tail": "one-sided"},
     {"score": "learned", "tail": "one-sided"},
 ]
 
@@ -41,7 +42,7 @@ def test_detect_one_png(client: TestClient, digits) -> None:  # type: ignore[no-
     (res,) = body["results"]
     assert res["index"] == 0 and res["filename"] is None and res["status"] == "ok"
     assert res["predicted_class"] == int(y[0]) and res["label"] == str(int(y[0]))
-    assert set(res["scores"]) == {"confidence", "entropy", "margin", "feature_squeezing", "learned"}
+    assert set(res["scores"]) == {"confidence", "entropy", "margin", "squeeze_drop", "mahalanobis", "learned"}
     assert set(res["p_values"]) == set(res["scores"])
     assert res["decision"]["statistic"] == "combined"
     assert res["decision"]["components"] == COMPONENTS
@@ -52,14 +53,17 @@ def test_detect_one_png(client: TestClient, digits) -> None:  # type: ignore[no-
 
 
 def test_all_scores_and_heatmaps(client: TestClient, digits, mnist: Bundle) -> None:  # type: ignore[no-untyped-def]
-    from service.core.baselines import feature_squeezing
+    from service.core.baselines import feature_squeezing, forward_scores
     from service.fisher import HEATMAPS, SCORES, compute
 
     x, _ = digits
     r = client.post("/v1/detect?scores=all&heatmaps=" + ",".join(HEATMAPS), content=png(x[1]), headers=PNG)
     res = r.json()["results"][0]
-    assert set(res["scores"]) == set(SCORES) | {"feature_squeezing", "mahalanobis", "mahalanobis_layers", "learned", "fisher_noise_shift"}
+    detectors = {"feature_squeezing", "squeeze_drop", "mahalanobis", "mahalanobis_layers", "learned", "fisher_noise_shift"}
+    assert set(res["scores"]) == set(SCORES) | detectors
     assert res["scores"]["feature_squeezing"] == pytest.approx(float(feature_squeezing(mnist.model, x[1:2])[0]), rel=1e-5, abs=1e-9)
+    drop = forward_scores(mnist.model, x[1:2], ["squeeze_drop"], None)[1]["squeeze_drop"]
+    assert res["scores"]["squeeze_drop"] == pytest.approx(float(drop[0]), rel=1e-4, abs=1e-7)
     assert mnist.mahalanobis is not None
     assert res["scores"]["mahalanobis"] == pytest.approx(float(mnist.mahalanobis.score(mnist.model, x[1:2])[0]), rel=1e-5)
     layers = float(mnist.mahalanobis.layers_score(mnist.model, x[1:2])[0])

@@ -127,6 +127,7 @@ def test_adaptive_penalty_is_zero_inside_and_grows_outside_the_clean_range() -> 
         "fisher_input_trace",
         "fisher_param_trace",
         "feature_squeezing",
+        "squeeze_drop",
         "fisher_noise_kl",
         "mahalanobis",
         "mahalanobis_layers",
@@ -260,7 +261,13 @@ def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
         "mahalanobis",
         "mahalanobis_layers",
     ]  # fitted and calibrated by the harness; feature_squeezing comes calibrated
-    assert rep["attacks"]["noise:0.05"]["control"] and rep["attacks"]["noise:0.05"]["n_successful"] == rep["attacked_images"]
+    noise = rep["attacks"]["noise:0.05"]
+    assert noise["control"] and noise["n_successful"] == rep["attacked_images"]
+    with np.load(out / "scores.npz") as z:  # which noisy digits the classifier misreads: the control's false alarms are among the rest
+        misread = z["noise:0.05/misread"]
+        assert misread.dtype == bool and len(misread) == rep["attacked_images"] and "fgsm:0.2/misread" not in z.files
+    assert noise["still_right"]["n"] == int((~misread).sum()) and 0 <= noise["still_right"]["flagged@0.05"] <= 1
+    assert rep["attacks"]["fgsm:0.2"]["still_right"] is None and "still read right" in (out / "report.md").read_text()
     scores = rep["attacks"]["fgsm:0.2"]["scores"]
     assert {"feature_squeezing", "mahalanobis", "mahalanobis_layers", "fisher_input_trace"} <= set(scores)
     assert (out / "roc-fgsm_0.2.png").stat().st_size > 1000

@@ -1,4 +1,5 @@
-"""The multi-layer Mahalanobis baseline against a float64 loop reference, its layer choice and its file."""
+"""The multi-layer Mahalanobis baseline and the squeeze drop against float64 loop references, the
+former's layer choice and its file."""
 
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from service.core.baselines import PENULTIMATE, Mahalanobis, available, baseline_scores, features, stage_outputs
+from service.core.baselines import PENULTIMATE, Mahalanobis, available, baseline_scores, features, forward_scores, stage_outputs
 from tests import small_models
 
 
@@ -82,7 +83,7 @@ def test_fit_file_round_trip_and_a_penultimate_only_file(tmp_path: Path) -> None
     back, sha = Mahalanobis.load(tmp_path / "m.safetensors")
     assert sha == "ab" * 32 and list(back.layers) == ["pool", PENULTIMATE]
     assert torch.equal(back.layers_score(model, x[:5]), fit.layers_score(model, x[:5]))
-    assert available(back) == ("feature_squeezing", "mahalanobis", "mahalanobis_layers")
+    assert available(back) == ("feature_squeezing", "squeeze_drop", "mahalanobis", "mahalanobis_layers")
     # a file written before the multi-layer score: the penultimate fit only
     save_file(
         {"means": fit.penultimate.means.contiguous(), "precision": fit.penultimate.precision.contiguous()},
@@ -90,7 +91,7 @@ def test_fit_file_round_trip_and_a_penultimate_only_file(tmp_path: Path) -> None
         {"weights_sha256": "cd" * 32},
     )
     old, _ = Mahalanobis.load(tmp_path / "old.safetensors")
-    assert old.layers == {} and available(old) == ("feature_squeezing", "mahalanobis")
+    assert old.layers == {} and available(old) == ("feature_squeezing", "squeeze_drop", "mahalanobis")
     assert torch.equal(old.score(model, x[:5]), fit.score(model, x[:5]))
     with pytest.raises(ValueError, match="has no hidden layers"):
         baseline_scores(model, x[:5], ["mahalanobis_layers"], old)
@@ -117,3 +118,22 @@ def test_both_mahalanobis_scores_take_one_forward_pass() -> None:
     hook.remove()
     assert len(calls) == 1
     assert torch.equal(both["mahalanobis"], fit.score(model, x)) and torch.equal(both["mahalanobis_layers"], fit.layers_score(model, x))
+
+
+@pytest.mark.parametrize(("name", "levels"), [("mlp", 1), ("bncnn", 31), ("resnet", 31)])
+def test_squeeze_drop_equals_the_loop_reference(name: str, levels: int) -> None:
+    """log p_ŷ(x) − log p_ŷ(b(x)), ŷ = argmax p(x), b = rounding to levels + 1 values (1 bit for
+    greyscale, 5 for colour), one image at a time in float64; zero on an image already at that depth."""
+    model, shape = small_models.make(name)
+    model = model.double().eval()
+    x = torch.rand(5, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = []
+    with torch.no_grad():
+        for xi in x:
+            z, zb = model(xi[None])[0], model((xi * levels).round()[None] / levels)[0]
+            y = int(z.argmax())
+            expected.append(float(z[y] - z.logsumexp(0) - (zb[y] - zb.logsumexp(0))))
+        served = forward_scores(model, x, ["squeeze_drop"], None)[1]["squeeze_drop"]
+        squeezed = forward_scores(model, (x * levels).round() / levels, ["squeeze_drop"], None)[1]["squeeze_drop"]
+    torch.testing.assert_close(served, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    assert served.abs().max() > 1e-6 and torch.equal(squeezed, torch.zeros(5, dtype=torch.float64))

@@ -32,8 +32,9 @@ def test_shipped_mnist_bundle(mnist: Bundle, digits512) -> None:  # type: ignore
     cal = mnist.calibration
     assert cal is not None and cal.weights_sha256 == mnist.weights_sha256
     detector_scores = {"learned", "fisher_noise_shift"}
-    assert cal.n > 1200 and set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis", "mahalanobis_layers"} | detector_scores
-    assert cal.decision_scores == ("feature_squeezing", "learned") and mnist.detector is not None
+    baselines = {"feature_squeezing", "squeeze_drop", "mahalanobis", "mahalanobis_layers"}
+    assert cal.n > 1200 and set(cal.values) == set(SCORES) | baselines | detector_scores
+    assert cal.decision_scores == ("squeeze_drop", "mahalanobis", "learned") and mnist.detector is not None
     assert cal.data["correct"] > 2450 and mnist.mahalanobis is not None and list(mnist.mahalanobis.layers) == ["7", "8", "penultimate"]
     assert "calibration half" in cal.data["description"]
 

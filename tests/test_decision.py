@@ -42,6 +42,35 @@ def test_a_decision_that_flags_noise_is_not_chosen(tmp_path: Path, monkeypatch: 
     assert all(not r["admissible"] for r in rows[rows.index(by_name["margin:one-sided"]) :])
 
 
+def test_a_control_is_judged_by_its_false_alarms_when_the_run_recorded_which_images_are_misread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Brightening makes the classifier misread 40% of its images: `squeeze_drop` flags exactly those
+    (and about α of the rest), `margin` flags none of them and catches fewer attacks. Counted over all
+    brightened images squeeze_drop is inadmissible; counted among the images still read right — what
+    `misread` records — it is admissible and in the chosen decision. Both rates are kept."""
+    rng = np.random.default_rng(2)
+    n, m = 4000, 400
+    misread = np.arange(m) < 0.4 * m
+    clean = {"margin": rng.normal(0, 1, n), "squeeze_drop": rng.normal(0, 1, n)}
+    bright = np.where(misread, rng.normal(5, 0.5, m), rng.normal(0, 1, m))
+    attacks = {
+        "pgd": {"margin": rng.normal(-2.5, 1, m), "squeeze_drop": rng.normal(4, 1, m)},
+        "brightness:0.15": {"margin": rng.normal(0, 1, m), "squeeze_drop": bright},
+    }
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    without = {" + ".join(r["components"]): r for r in select(tmp_path / "a", monkeypatch, clean, attacks)}
+    assert not without["squeeze_drop:one-sided"]["admissible"] and without["margin:one-sided"]["admissible"]
+    attacks["brightness:0.15"]["misread"] = misread
+    rows = select(tmp_path / "b", monkeypatch, clean, attacks)
+    assert "squeeze_drop:one-sided" in rows[0]["components"] and rows[0]["admissible"]
+    drop = {" + ".join(r["components"]): r for r in rows}["squeeze_drop:one-sided"]
+    assert drop["admissible"] and drop["worst_control_all@0.05"] > 0.4 > 0.065 > drop["worst_control@0.05"]
+    assert drop["attacks"]["brightness:0.15"]["still_right@0.05"] == drop["worst_control@0.05"]
+    assert "; " in (tmp_path / "b" / "out" / "decision.md").read_text()  # both rates in the table
+
+
 def test_a_decision_that_holds_only_at_alpha_005_is_not_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`mahalanobis` puts every attacked image between the clean 95% and 99% quantiles (TPR 1 at α = 0.05,
     0 at 0.01); `feature_squeezing` catches fewer at 0.05 and many more at 0.01: the rule weighs both α."""

@@ -240,23 +240,26 @@ def test_fit_detector_end_to_end_and_calibrate_on_part_b(tmp_path: Path, mnist: 
     assert served.calibration is not None and served.calibration.statistic == "learned" and "learned" in served.calibration.values
 
 
-def test_a_request_for_squeezing_and_the_detector_reuses_the_squeezed_copies(mnist: Bundle) -> None:
-    """The shipped MNIST decision asks for both: feature squeezing is then read from the copies the
-    detector's features already ran, and equals the baseline computed on its own."""
+def test_a_request_for_the_shipped_scores_runs_the_copies_and_the_features_once(mnist: Bundle) -> None:
+    """The shipped MNIST decision asks for the squeeze drop, Mahalanobis and the detector: the first is
+    read from the copies the detector's features already ran, the second from the penultimate features
+    its forward already recorded, and each equals the baseline computed on its own."""
     from service.core.baselines import feature_squeezing
     from service.core.scoring import score
 
-    assert mnist.detector is not None and {"bits1", "median2"} <= set(mnist.detector.spec.squeezers)
+    assert mnist.detector is not None and mnist.mahalanobis is not None and {"bits1", "median2"} <= set(mnist.detector.spec.squeezers)
     x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     calls: list[int] = []
     hook = mnist.model.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
     try:
-        shared = score(mnist, x, ("feature_squeezing", "learned")).raw["feature_squeezing"]
+        shared = score(mnist, x, ("feature_squeezing", "squeeze_drop", "mahalanobis", "learned")).raw
     finally:
         hook.remove()
-    torch.testing.assert_close(shared, feature_squeezing(mnist.model, x), rtol=1e-5, atol=1e-7)
     spec = mnist.detector.spec
     assert calls == [6] * (1 + len(spec.squeezers) + spec.draws)  # the image, then each copy once: nothing more
+    torch.testing.assert_close(shared["feature_squeezing"], feature_squeezing(mnist.model, x), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(shared["squeeze_drop"], score(mnist, x, ("squeeze_drop",)).raw["squeeze_drop"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(shared["mahalanobis"], mnist.mahalanobis.score(mnist.model, x), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])

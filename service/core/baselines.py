@@ -9,7 +9,11 @@
   (Lee et al. weight the layers by a logistic regression on adversarial examples; we use no attack.)
 - Feature squeezing (Xu et al. 2018): max over squeezers of ‖p(x) − p(squeeze(x))‖₁, with bit-depth
   reduction and a 2×2 median filter. Needs no fitting at all.
-Both are "larger = more unusual".
+- Squeeze drop (ours, from the same bit-depth copy): log p_ŷ(x) − log p_ŷ(b(x)), ŷ = argmax p(x), how
+  much bit-depth reduction takes from x's own answer. Unlike the L1 distance it does not count a
+  drop in x's confidence against x (a blurred or brightened digit the classifier still reads
+  right), only the squeezed copy's disagreement with x's answer (docs/detection.md#baselines).
+All are "larger = more unusual".
 """
 
 import json
@@ -200,18 +204,33 @@ class Mahalanobis:
             return cls(pen, layers), meta.get("weights_sha256", "")
 
 
-def squeezed(x: Tensor, grad: bool = False) -> list[Tensor]:
-    """Feature squeezing's copies of x: bit-depth reduction (1 bit for greyscale, 5 for colour) and a
-    2×2 median filter. grad=True passes gradients straight through the bit-depth squeezer (BPDA,
-    Athalye et al. 2018), for an adaptive attacker; the median filter is differentiable as is."""
+SQUEEZING = ("feature_squeezing", "squeeze_drop")  # the scores read from squeezed copies of x
+
+
+def bit_squeezed(x: Tensor, grad: bool = False) -> Tensor:
+    """The bit-depth squeezed copy of x (1 bit for greyscale, 5 for colour). grad=True passes gradients
+    straight through it (BPDA, Athalye et al. 2018), for an adaptive attacker."""
     bits = 1 if x.shape[1] == 1 else 5
-    return [x + (bit_depth(x, bits) - x).detach() if grad else bit_depth(x, bits), median_2x2(x)]
+    return x + (bit_depth(x, bits) - x).detach() if grad else bit_depth(x, bits)
+
+
+def squeezed(x: Tensor, grad: bool = False) -> list[Tensor]:
+    """Feature squeezing's copies of x: the bit-depth squeezed copy and a 2×2 median filter (which is
+    differentiable as is)."""
+    return [bit_squeezed(x, grad), median_2x2(x)]
 
 
 def squeezing_distance(z: Tensor, z_squeezed: Sequence[Tensor]) -> Tensor:
     """max over squeezers of ‖p(x) − p(squeeze(x))‖₁ from the logits (N, K) of x and of each copy. -> (N,) float64."""
     p = torch.softmax(z, 1)
     return torch.stack([(p - torch.softmax(zs, 1)).abs().sum(1) for zs in z_squeezed]).amax(0).double()
+
+
+def squeeze_drop(z: Tensor, z_bits: Tensor) -> Tensor:
+    """log p_ŷ(x) − log p_ŷ(b(x)), ŷ = argmax_k z_k, from the logits (N, K) of x and of its bit-depth
+    squeezed copy b(x). -> (N,) float64."""
+    y = z.argmax(1, keepdim=True)
+    return (torch.log_softmax(z.double(), 1).gather(1, y) - torch.log_softmax(z_bits.double(), 1).gather(1, y)).squeeze(1)
 
 
 def feature_squeezing(model: nn.Module, x: Tensor, grad: bool = False) -> Tensor:
@@ -229,20 +248,22 @@ def forward_scores(
     if wanted and mahalanobis is None:
         raise ValueError("this bundle has no mahalanobis.safetensors: fit one with `fisherguard calibrate --fit-mahalanobis N`")
     n = len(x)
-    copies = squeezed(x, grad) if "feature_squeezing" in names else []
+    copies = squeezed(x, grad) if "feature_squeezing" in names else [bit_squeezed(x, grad)] if "squeeze_drop" in names else []
     taps = mahalanobis.taps(wanted) if mahalanobis is not None and wanted else []
     z, f = logits_and_features(model, torch.cat([x, *copies]) if copies else x, taps, n, grad)
-    out = {"feature_squeezing": squeezing_distance(z[:n], z[n:].split(n))} if copies else {}
+    out = {"feature_squeezing": squeezing_distance(z[:n], z[n:].split(n))} if "feature_squeezing" in names else {}
+    if "squeeze_drop" in names:  # the bit-depth copy comes first (squeezed)
+        out["squeeze_drop"] = squeeze_drop(z[:n], z[n : 2 * n])
     if mahalanobis is not None and wanted:
         out |= mahalanobis.from_features(f, wanted)
     return z[:n], out
 
 
 def available(mahalanobis: Mahalanobis | None) -> tuple[str, ...]:
-    """The baseline scores a bundle can serve: feature squeezing always, Mahalanobis with its fit."""
+    """The baseline scores a bundle can serve: the squeezing scores always, Mahalanobis with its fit."""
     if mahalanobis is None:
-        return ("feature_squeezing",)
-    return ("feature_squeezing", "mahalanobis", "mahalanobis_layers") if mahalanobis.layers else ("feature_squeezing", "mahalanobis")
+        return SQUEEZING
+    return (*SQUEEZING, "mahalanobis", "mahalanobis_layers") if mahalanobis.layers else (*SQUEEZING, "mahalanobis")
 
 
 def baseline_scores(model: nn.Module, x: Tensor, names: Sequence[str], mahalanobis: Mahalanobis | None) -> dict[str, Tensor]:

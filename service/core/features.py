@@ -21,13 +21,13 @@ Every column is differentiable in x (grad=True: double backprop through the prof
 bit depth), so an adaptive attacker can take exact gradients of a detector built on them.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from service.core.baselines import PENULTIMATE, Mahalanobis, feature_hooks, squeezing_distance
+from service.core.baselines import Mahalanobis, feature_hooks, squeeze_drop, squeezing_distance
 from service.core.transforms import bit_depth, gaussian_blur, median_2x2
 from service.fisher import basics, persample
 from service.fisher.gradients import eval_mode, forward
@@ -85,14 +85,16 @@ class FeatureSpec:
 
 @dataclass
 class RawFeatures:
-    """One batch: logits (N, K), ŷ (N,), named columns (N,) each, the raw noise shifts (N, K) and the
-    logits of each squeezed copy (N, K), by squeezer."""
+    """One batch: logits (N, K), ŷ (N,), named columns (N,) each, the raw noise shifts (N, K), the
+    logits of each squeezed copy (N, K), by squeezer, and the Mahalanobis scores (N,) the columns
+    were taken from, by their served names."""
 
     logits: Tensor
     predicted: Tensor
     columns: dict[str, Tensor]
     shift: Tensor
     squeezed: dict[str, Tensor] = field(default_factory=dict)
+    distances: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _log10(v: Tensor) -> Tensor:
@@ -166,19 +168,25 @@ def extract(
     cols["noise_kl"] = _log10(_kl(log_p[None], log_q[t:]).mean(0))
     diff = zc64[t:] - zc64[t:].gather(2, y[None, :, None].expand(len(noisy), n, 1))  # (M, N, K): z_k − z_ŷ at each draw
     shift = diff.mean(0) - (z64 - z64.gather(1, y[:, None]))  # (N, K)
+    distances: dict[str, Tensor] = {}
     if mahalanobis is not None:
         f = {k: v.double() for k, v in kept.items()}
-        cols["log_mahalanobis"] = _log10(mahalanobis.penultimate.distance(f[PENULTIMATE]))
+        distances = mahalanobis.from_features(f, ["mahalanobis", "mahalanobis_layers"] if taps else ["mahalanobis"])
+        cols["log_mahalanobis"] = _log10(distances["mahalanobis"])
         if taps:
-            cols["log_mahalanobis_layers"] = _log10(mahalanobis.from_features(f, ["mahalanobis_layers"])["mahalanobis_layers"])
-    return RawFeatures(z, y, cols, shift, {q: zc[i] for i, q in enumerate(spec.squeezers)})
+            cols["log_mahalanobis_layers"] = _log10(distances["mahalanobis_layers"])
+    return RawFeatures(z, y, cols, shift, {q: zc[i] for i, q in enumerate(spec.squeezers)}, distances)
 
 
-def squeezing_from_features(raw: RawFeatures, spec: FeatureSpec, channels: int) -> Tensor | None:
-    """Feature squeezing (service.core.baselines.squeezed) from the copies `extract` already ran, when
-    the detector's squeezers include its two (1 bit for greyscale, 5 for colour; 2×2 median); None
-    otherwise. -> (N,) float64."""
-    wanted = ("bits1" if channels == 1 else "bits5", "median2")
-    if not set(wanted) <= set(spec.squeezers):
-        return None
-    return squeezing_distance(raw.logits, [raw.squeezed[q] for q in wanted])
+def squeezing_from_features(raw: RawFeatures, spec: FeatureSpec, names: Sequence[str], channels: int) -> dict[str, Tensor]:
+    """The squeezing scores among `names` (service.core.baselines: `feature_squeezing`, `squeeze_drop`)
+    that the copies `extract` already ran can give: feature squeezing when the detector's squeezers
+    include both of its copies (1 bit for greyscale, 5 for colour; 2×2 median), the squeeze drop when
+    they include the bit-depth one. name -> (N,) float64."""
+    bits = "bits1" if channels == 1 else "bits5"
+    out = {}
+    if "feature_squeezing" in names and {bits, "median2"} <= set(spec.squeezers):
+        out["feature_squeezing"] = squeezing_distance(raw.logits, [raw.squeezed[q] for q in (bits, "median2")])
+    if "squeeze_drop" in names and bits in spec.squeezers:
+        out["squeeze_drop"] = squeeze_drop(raw.logits, raw.squeezed[bits])
+    return out

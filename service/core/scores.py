@@ -20,6 +20,7 @@ DETECTORS: dict[str, ScoreSpec] = {  # computed by service.core.baselines and se
     "mahalanobis": ScoreSpec("high", False),
     "mahalanobis_layers": ScoreSpec("high", False),
     "feature_squeezing": ScoreSpec("high", False),
+    "squeeze_drop": ScoreSpec("high", False),
     "learned": ScoreSpec("high", False),
     "fisher_noise_shift": ScoreSpec("high", False),
 }

@@ -57,9 +57,8 @@ def score(bundle: Bundle, x: Tensor, names: Sequence[str], heatmaps: Sequence[st
         assert bundle.detector is not None
         raw = extract(bundle.model, x, bundle.detector.spec, bundle.mahalanobis)
         values = bundle.detector.scores(raw, learned)
-        fs = squeezing_from_features(raw, bundle.detector.spec, x.shape[1]) if "feature_squeezing" in names else None
-        if fs is not None:  # the squeezed copies already ran: no second forward for them
-            values["feature_squeezing"] = fs
+        values |= squeezing_from_features(raw, bundle.detector.spec, names, x.shape[1])  # copies already run: no second forward
+        values |= {k: v for k, v in raw.distances.items() if k in names}  # nor for the Mahalanobis scores the columns read
         rest = [n for n in detectors(names) if n not in LEARNED and n not in values]
         z = raw.logits
         values |= forward_scores(bundle.model, x, rest, bundle.mahalanobis)[1] if rest else {}

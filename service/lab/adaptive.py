@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.core.baselines import Mahalanobis, feature_squeezing
+from service.core.baselines import Mahalanobis, feature_squeezing, forward_scores
 from service.core.calibration import Component
 from service.core.features import extract
 from service.core.learned import LearnedDetector
@@ -101,6 +101,7 @@ def surrogates(
         "fisher_input_trace": log10_input_trace,
         "fisher_param_trace": log10_param_trace,
         "feature_squeezing": lambda m, x: feature_squeezing(m, x, grad=True),
+        "squeeze_drop": lambda m, x: forward_scores(m, x, ["squeeze_drop"], None, grad=True)[1]["squeeze_drop"],
         "fisher_noise_kl": noise_kl(noise_sigma, noise_samples),
     }
     if mahalanobis is not None:

@@ -29,6 +29,7 @@ from service.lab.data import Dataset, load_dataset, load_train_subset, seeded_pi
 from service.lab.stats import bootstrap_auc, roc_auc, roc_points
 
 ALPHAS = (0.05, 0.01)  # the α a report measures TPR at: the detection goal's and the service's default
+MISREAD = "misread"  # scores.npz key, under a control's name, of the images the classifier misreads after the change
 
 
 @dataclass
@@ -147,6 +148,9 @@ def evaluate(
         adv_scores, _ = _score(bundle, extra, adv[hit], batch_size, progress)
         per_image |= {f"{attack.name}/{k}": v for k, v in adv_scores.items()}
         p_adv = cal.decision_p_value(adv_scores, adv_pred[hit].numpy())
+        misread = (adv_pred != y).numpy()
+        if attack.control:  # which changed images the classifier now misreads: flagging those is no false alarm
+            per_image[f"{attack.name}/{MISREAD}"] = misread
         stat = decision.rates(p_adv, alphas, "tpr") | decision.rates(p_clean, alphas, "fpr")
         stat["auc"] = roc_auc(-cal.decision_rank(clean), -cal.decision_rank(adv_scores)) if len(p_adv) else float("nan")
         success = float((adv_pred != y).float().mean())
@@ -161,6 +165,7 @@ def evaluate(
             "decision": stat,
             "unflagged_success_rate": {str(a): success * (1 - stat[f"tpr@{a}"]) for a in alphas},
             "flag_rate_by_predicted_class": _flags_by_class(p_adv, adv_pred[hit].numpy(), alphas[0]),
+            "still_right": _still_right(p_adv, misread, alphas) if attack.control else None,
             "scores": _rows(cal_values, clean, adv_scores, alphas),
             "seconds": round(time.time() - t0, 1),
         }
@@ -173,6 +178,11 @@ def seen(bundle: Bundle, attack: Attack) -> bool | None:
         return None
     meta = bundle.detector.meta
     return attack.family in meta.get("control_families" if attack.control else "families", [])
+
+
+def _still_right(p: np.ndarray, misread: np.ndarray, alphas: Sequence[float]) -> dict[str, Any]:
+    """A control's false alarms: its flag rate among the changed images the classifier still reads right."""
+    return {"n": int((~misread).sum())} | decision.rates(p[~misread], alphas, "flagged")
 
 
 def _flags_by_class(p: np.ndarray, predicted: np.ndarray, alpha: float) -> dict[str, float]:

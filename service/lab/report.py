@@ -85,6 +85,27 @@ def summary(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> list[st
         control = k.startswith("control")
         worst = f"highest at α = {alphas[0]}: {max(first):.3f}" if control else f"lowest at α = {alphas[0]}: {min(first):.3f}"
         lines.append(f"- {k} ({len(rows)}): mean {'flag rate' if control else 'TPR'} {means}; {worst}")
+    return [*lines, "", *false_alarms(report, alphas)]
+
+
+def false_alarms(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> list[str]:
+    """Per benign control: the share of changed images the classifier misreads, the flag rate, and the
+    flag rate among the images it still reads right (the control's false alarms); none for older reports."""
+    rows = [(n, a) for n, a in report["attacks"].items() if a["control"] and a.get("still_right")]
+    if not rows:
+        return []
+    flagged = " / ".join(f"@{a}" for a in alphas)
+    lines = [
+        "Benign controls, split by whether the classifier still reads the changed image right (flagging a misread one is no false alarm):",
+        "",
+        f"| control | misread | flagged {flagged} | still read right | flagged among them {flagged} |",
+        "|---|---|---|---|---|",
+    ]
+    for name, a in rows:
+        raw = " / ".join(f"{a['decision'][f'tpr@{al}']:.3f}" for al in alphas)
+        right = a["still_right"]
+        among = " / ".join("—" if right["n"] == 0 else f"{right[f'flagged@{al}']:.3f}" for al in alphas)
+        lines.append(f"| {name} | {a['success_rate']:.3f} | {raw} | {right['n']} | {among} |")
     return [*lines, ""]
 
 
