@@ -7,8 +7,8 @@ For each bundle directory (the same weights, different detectors or calibrations
 (the harness's adaptive attack is run against that bundle's own decision) on a seeded subset of the
 correctly classified part-B images, 8-bit quantised as every attack is; the share that ends
 misclassified *and* unflagged at α = 0.05 and 0.01, the share flagged (for a benign control, its
-flag rate), and the share flagged among the images the classifier still reads right (for a benign
-control, its false alarms: a brightened digit the classifier now misreads is one the decision should
+flag rate), and for a benign control the share flagged among the images the classifier still reads
+right (its false alarms: a brightened digit the classifier now misreads is one the decision should
 flag). Only the attacked images are scored (not the whole clean half), so a comparison costs
 minutes.
 """
@@ -42,7 +42,8 @@ def measure(path: str, attacks: list[str], limit: int) -> dict[str, Any]:
     out: dict[str, Any] = {"bundle": path, "decision": list(cal.decision_scores), "images": len(y), "attacks": {}}
     for spec in attacks:
         t0 = time.time()
-        adv = quantise(parse_attack(spec, bundle).run(bundle.model, x, y))
+        attack = parse_attack(spec, bundle)
+        adv = quantise(attack.run(bundle.model, x, y))
         wrong = (predict(bundle, adv) != y).numpy()
         scored = score(bundle, adv, cal.decision_scores)
         row: dict[str, Any] = {"success": float(wrong.mean()), "seconds": round(time.time() - t0, 1)}
@@ -50,7 +51,8 @@ def measure(path: str, attacks: list[str], limit: int) -> dict[str, Any]:
             flagged = decision.decide(cal, scored.thresholded(), alpha, scored.predicted.numpy()).flagged
             row[f"unflagged_success@{alpha}"] = float((wrong & ~flagged).mean())
             row[f"flagged@{alpha}"] = float(flagged.mean())
-            row[f"flagged_still_right@{alpha}"] = float(flagged[~wrong].mean()) if (~wrong).any() else None
+            if attack.control:  # its false alarms
+                row[f"flagged_still_right@{alpha}"] = float(flagged[~wrong].mean()) if (~wrong).any() else None
         out["attacks"][spec] = row
         print(path, spec, row, flush=True)
     return out

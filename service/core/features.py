@@ -160,7 +160,7 @@ def extract(
     g = gx.double().flatten(1)  # (N, D) ∇_x s
     for i, q in enumerate(spec.squeezers):
         cols[f"squeeze_kl/{q}"] = _log10(_kl(log_p, log_q[i]))
-        cols[f"squeeze_drop/{q}"] = log_p.gather(1, y[:, None]).squeeze(1) - log_q[i].gather(1, y[:, None]).squeeze(1)
+        cols[f"squeeze_drop/{q}"] = squeeze_drop(z64, zc64[i])  # the served score's formula, for every squeezer
         r = (xr - copies[i]).double().flatten(1)  # (N, D) what the squeezer removes
         r = r if grad else r.detach()
         cols[f"residual/{q}"] = _log10((r * r).mean(1))
