@@ -207,10 +207,15 @@ class Mahalanobis:
 SQUEEZING = ("feature_squeezing", "squeeze_drop")  # the scores read from squeezed copies of x
 
 
+def squeeze_bits(channels: int) -> int:
+    """The bit depth the squeezing scores reduce to: 1 bit for greyscale, 5 for colour (Xu et al.)."""
+    return 1 if channels == 1 else 5
+
+
 def bit_squeezed(x: Tensor, grad: bool = False) -> Tensor:
-    """The bit-depth squeezed copy of x (1 bit for greyscale, 5 for colour). grad=True passes gradients
-    straight through it (BPDA, Athalye et al. 2018), for an adaptive attacker."""
-    bits = 1 if x.shape[1] == 1 else 5
+    """The bit-depth squeezed copy of x (`squeeze_bits`). grad=True passes gradients straight through it
+    (BPDA, Athalye et al. 2018), for an adaptive attacker."""
+    bits = squeeze_bits(x.shape[1])
     return x + (bit_depth(x, bits) - x).detach() if grad else bit_depth(x, bits)
 
 
@@ -248,11 +253,15 @@ def forward_scores(
     if wanted and mahalanobis is None:
         raise ValueError("this bundle has no mahalanobis.safetensors: fit one with `fisherguard calibrate --fit-mahalanobis N`")
     n = len(x)
-    copies = squeezed(x, grad) if "feature_squeezing" in names else [bit_squeezed(x, grad)] if "squeeze_drop" in names else []
+    copies: list[Tensor] = []  # feature squeezing needs both copies, the squeeze drop only the bit-depth one (first)
+    if "feature_squeezing" in names:
+        copies = squeezed(x, grad)
+    elif "squeeze_drop" in names:
+        copies = [bit_squeezed(x, grad)]
     taps = mahalanobis.taps(wanted) if mahalanobis is not None and wanted else []
     z, f = logits_and_features(model, torch.cat([x, *copies]) if copies else x, taps, n, grad)
     out = {"feature_squeezing": squeezing_distance(z[:n], z[n:].split(n))} if "feature_squeezing" in names else {}
-    if "squeeze_drop" in names:  # the bit-depth copy comes first (squeezed)
+    if "squeeze_drop" in names:
         out["squeeze_drop"] = squeeze_drop(z[:n], z[n : 2 * n])
     if mahalanobis is not None and wanted:
         out |= mahalanobis.from_features(f, wanted)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from service.core.baselines import Mahalanobis, feature_hooks, squeeze_drop, squeezing_distance
+from service.core.baselines import Mahalanobis, feature_hooks, squeeze_bits, squeeze_drop, squeezing_distance
 from service.core.transforms import bit_depth, gaussian_blur, median_2x2
 from service.fisher import basics, persample
 from service.fisher.gradients import eval_mode, forward
@@ -181,9 +181,9 @@ def extract(
 def squeezing_from_features(raw: RawFeatures, spec: FeatureSpec, names: Sequence[str], channels: int) -> dict[str, Tensor]:
     """The squeezing scores among `names` (service.core.baselines: `feature_squeezing`, `squeeze_drop`)
     that the copies `extract` already ran can give: feature squeezing when the detector's squeezers
-    include both of its copies (1 bit for greyscale, 5 for colour; 2×2 median), the squeeze drop when
+    include both of its copies (bit depth, 2×2 median), the squeeze drop when
     they include the bit-depth one. name -> (N,) float64."""
-    bits = "bits1" if channels == 1 else "bits5"
+    bits = f"bits{squeeze_bits(channels)}"  # the detector's name for the squeezing scores' bit-depth copy
     out = {}
     if "feature_squeezing" in names and {bits, "median2"} <= set(spec.squeezers):
         out["feature_squeezing"] = squeezing_distance(raw.logits, [raw.squeezed[q] for q in (bits, "median2")])
