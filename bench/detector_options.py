@@ -6,12 +6,13 @@
 Every configuration is trained on part A and measured on part B exactly as `fisherguard fit-detector`
 does it (service.lab.learn, the same cached attacks and features): the mean TPR over the training
 attacks at α = 0.05 and 0.01, the mean TPR at 0.05 of each family's attacks when that family is left
-out of training, and the highest flag rate of any benign control at each α.
+out of training, and the highest flag rate of any benign control at each α, counted among the changed
+images the classifier still reads right (its false alarms; the rate among all of them is kept beside it).
 
 The rule the shipped options were picked by: a configuration is acceptable when no control is flagged
-more than α + 0.015 (the goal) plus one binomial standard error of the controls' images,
-√(α(1 − α)/n); among the acceptable ones, the highest mean TPR over both α; if none is acceptable, the
-smallest worst-control excess over α, then the mean TPR.
+more than α + 0.015 (the goal) plus one binomial standard error of that control's images still read
+right, √(α(1 − α)/n); among the acceptable ones, the highest mean TPR over both α; if none is
+acceptable, the smallest worst-control excess over α, then the mean TPR.
 """
 
 import argparse
@@ -51,9 +52,9 @@ def options(text: str, spec: FeatureSpec) -> learn.Options:
     """`mlp cw=10 margin=8 nuisance=noise+gnoise without=residual` -> learn.Options (hidden 64 for an MLP)."""
     words = text.split()
     kv = dict(w.split("=", 1) for w in words[1:])
-    unknown = set(kv) - {"cw", "margin", "nuisance", "without", "hidden"}
+    unknown = set(kv) - {"cw", "margin", "nuisance", "without", "hidden", "negatives"}
     if unknown or words[0] not in ("linear", "mlp"):
-        raise ValueError(f"bad configuration {text!r}: kind linear or mlp, then cw=, margin=, nuisance=, without=, hidden=")
+        raise ValueError(f"bad configuration {text!r}: kind linear or mlp, then cw=, margin=, nuisance=, without=, hidden=, negatives=")
     nuisance = kv.get("nuisance", "")
     return learn.Options(
         spec,
@@ -63,8 +64,14 @@ def options(text: str, spec: FeatureSpec) -> learn.Options:
         control_margin=float(kv.get("margin", 0)),
         nuisance=bool(nuisance),
         nuisance_families=tuple(nuisance.split("+")) if nuisance and nuisance != "all" else (),
+        control_negatives=kv.get("negatives", "all"),
         without=tuple(kv["without"].split("+")) if "without" in kv else (),
     )
+
+
+def over_bound(rate: float, n: int, alpha: float) -> float:
+    """How far a control's flag rate over n images lies above the rule's bound α + 0.015 + √(α(1 − α)/n)."""
+    return rate - alpha - GOAL_SLACK - math.sqrt(alpha * (1 - alpha) / max(n, 1))
 
 
 def row(c: learn.Collected, name: str, opts: learn.Options) -> dict[str, Any]:
@@ -72,14 +79,17 @@ def row(c: learn.Collected, name: str, opts: learn.Options) -> dict[str, Any]:
     each family left out), summarised."""
     detector, report = learn.fit(c, opts)
     rows = {s: r["seen"] for s, r in report["rows"].items()}
-    out: dict[str, Any] = {"options": name, "features": len(detector.names), "rows": rows}
+    right = {s: report["rows"][s]["still_right"] for s in c.controls}  # the controls' false alarms
+    out: dict[str, Any] = {"options": name, "features": len(detector.names), "rows": rows, "still_right": right}
+    excess = lambda s, alpha: over_bound(right[s][f"tpr@{alpha}"], right[s]["n"], alpha)  # noqa: E731
     for alpha in ALPHAS:
         out[f"mean_tpr@{alpha}"] = float(np.mean([rows[s][f"tpr@{alpha}"] for s in c.attacks]))
-        out[f"worst_control@{alpha}"] = max(rows[s][f"tpr@{alpha}"] for s in c.controls)
-        out[f"bound@{alpha}"] = alpha + GOAL_SLACK + math.sqrt(alpha * (1 - alpha) / min(rows[s]["n"] for s in c.controls))
+        out[f"worst_control@{alpha}"] = max(right[s][f"tpr@{alpha}"] for s in c.controls)
+        out[f"worst_control_all@{alpha}"] = max(rows[s][f"tpr@{alpha}"] for s in c.controls)
+        out[f"over_bound@{alpha}"] = max(excess(s, alpha) for s in c.controls)
     out["mean_tpr"] = float(np.mean([out[f"mean_tpr@{alpha}"] for alpha in ALPHAS]))
     out["left_out_tpr@0.05"] = float(np.mean([report["rows"][s]["left_out"]["tpr@0.05"] for s in c.attacks]))
-    out["acceptable"] = all(out[f"worst_control@{alpha}"] <= out[f"bound@{alpha}"] for alpha in ALPHAS)
+    out["acceptable"] = all(out[f"over_bound@{alpha}"] <= 1e-9 for alpha in ALPHAS)
     out["control_excess"] = max(out[f"worst_control@{alpha}"] - alpha for alpha in ALPHAS)
     return out
 
@@ -94,7 +104,8 @@ def markdown(rows: list[dict[str, Any]], controls: list[str]) -> str:
         "# Detector options on the calibration half (trained on part A, measured on part B)",
         "",
         "Best first by the rule in bench/detector_options.py. TPR: mean over the training attacks; left out: mean TPR @ 0.05 "
-        "of each family's attacks with the family left out of training; controls: the highest flag rate of any control.",
+        "of each family's attacks with the family left out of training; controls: the highest flag rate of any control "
+        "among its changed images the classifier still reads right (per control: that rate; all its images after the semicolon).",
         "",
         "| options | features | acceptable | mean TPR @ 0.05 / 0.01 | left out @ 0.05 | worst control @ 0.05 / 0.01 | "
         + " | ".join(controls)
@@ -102,7 +113,7 @@ def markdown(rows: list[dict[str, Any]], controls: list[str]) -> str:
         "|" + "---|" * (6 + len(controls)),
     ]
     for r in rows:
-        cells = " | ".join(f"{r['rows'][s]['tpr@0.05']:.3f}" for s in controls)
+        cells = " | ".join(f"{r['still_right'][s]['tpr@0.05']:.3f}; {r['rows'][s]['tpr@0.05']:.3f}" for s in controls)
         lines.append(
             f"| {r['options']} | {r['features']} | {'yes' if r['acceptable'] else 'no'} | {r['mean_tpr@0.05']:.3f} / {r['mean_tpr@0.01']:.3f} "
             f"| {r['left_out_tpr@0.05']:.3f} | {r['worst_control@0.05']:.3f} / {r['worst_control@0.01']:.3f} | {cells} |"

@@ -1,6 +1,7 @@
 """The learned detector's features against their definitions, its model, file and training
 (docs/detection.md#learned-detector)."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -169,6 +170,32 @@ def test_training_separates_what_can_be_separated_and_keeps_controls_down(kind: 
     assert float((d @ projected.weights["proj"]).norm()) < 1e-9 * float(d.norm())  # blind to it by construction
 
 
+def test_still_right_negatives_leave_the_misread_control_images_out() -> None:
+    """A control whose misread half looks like the attack: with every image among the negatives the model
+    learns to call the attack clean (logit < 0); with `control_negatives="still-right"` it is trained
+    exactly as if the misread rows were not there, and calls it an attack."""
+    rng = np.random.default_rng(2)
+    table = lambda n, dm, de: _table(rng, n, dm, de)  # noqa: E731
+
+    read_right, misread = table(300, 0, 0.5), table(300, 3, 3)
+    control = {k: np.concatenate([read_right[k], misread[k]]) for k in read_right}
+    right = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    a = learn.Sets(table(600, 0, 0), {"pgd": table(300, 3, 3), "noise": control}, {"noise": right})
+    names, stats = ["margin", "entropy", "noise_shift"], learn.shift_stats(a.clean, 3)
+    opts = learn.Options(SPEC, control_weight=10, l2=1e-5)
+    kept = learn.train(a, ["pgd"], ["noise"], dataclasses.replace(opts, control_negatives="still-right"), names, stats)
+    alone = learn.train(learn.Sets(a.clean, {"pgd": a.adv["pgd"], "noise": read_right}), ["pgd"], ["noise"], opts, names, stats)
+    every = learn.train(a, ["pgd"], ["noise"], opts, names, stats)
+    assert all(torch.equal(kept.weights[k], alone.weights[k]) for k in alone.weights)
+    b_pgd = learn.raw(table(500, 3, 3))
+    assert float(kept.logit(b_pgd).mean()) > 0 > float(every.logit(b_pgd).mean())
+    assert learn.still_right(a, "noise")["margin"].shape == (300,)
+    with pytest.raises(ValueError, match="still reads right"):
+        learn.still_right(learn.Sets(a.clean, a.adv), "noise")
+    with pytest.raises(ValueError, match="expected 'all' or 'still-right'"):
+        learn.Options(SPEC, control_negatives="misread")
+
+
 def test_nuisance_families_project_one_pooled_direction_per_family() -> None:
     """Two noise strengths and a JPEG control: per control, three directions are projected out; with
     `nuisance_families=("noise",)` one, the two noise specs' rows pooled, and the JPEG shift stays readable."""
@@ -282,6 +309,11 @@ def test_detector_options_parse_and_rank() -> None:
     assert (o.kind, o.hidden, o.control_weight, o.control_margin, o.nuisance) == ("mlp", 64, 10.0, 8.0, True)
     assert o.nuisance_families == ("noise", "gnoise") and o.without == ("residual",)
     assert do.options("linear cw=3 nuisance=all", SPEC).nuisance_families == () and do.options("linear", SPEC).nuisance is False
+    assert do.options("linear negatives=still-right", SPEC).control_negatives == "still-right"
+    assert do.options("linear", SPEC).control_negatives == "all"
+    # the bound widens with fewer images still read right: 3 of 39 passes at α = 0.05, 2 of 39 fails at 0.01
+    assert do.over_bound(3 / 39, 39, 0.05) < 0 < do.over_bound(2 / 39, 39, 0.01)
+    assert do.over_bound(0.08, 200, 0.05) < 0 < do.over_bound(0.085, 200, 0.05)
     for bad in ("svm cw=3", "mlp weight=3"):
         with pytest.raises(ValueError, match="bad configuration"):
             do.options(bad, SPEC)

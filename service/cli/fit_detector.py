@@ -24,6 +24,12 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     f.add_argument("--l2", type=float, default=1e-3)
     f.add_argument("--control-weight", type=float, default=3.0, help="total weight of the controls relative to the clean images")
     f.add_argument("--control-margin", type=float, default=0.0, help="fit the controls as if their logit were this much larger")
+    f.add_argument(
+        "--control-negatives",
+        choices=["all", "still-right"],
+        default="all",
+        help="which of a control's changed images are negatives: all, or only those the classifier still reads right",
+    )
     f.add_argument("--nuisance", action="store_true", help="project out the directions the controls move the features in")
     f.add_argument(
         "--nuisance-families",
@@ -56,6 +62,7 @@ def run(a: argparse.Namespace) -> int:
         a.control_margin,
         a.nuisance,
         nuisance_families=tuple(f for f in a.nuisance_families.split(",") if f),
+        control_negatives=a.control_negatives,
         without=tuple(g for g in a.without.split(",") if g),
     )
     collected = learn.collect(

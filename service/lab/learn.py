@@ -47,6 +47,9 @@ class Options:
     nuisance: bool = False  # make the model blind to the directions in which the controls move the features
     # with nuisance: one direction per listed control family (all its specs pooled), not one per control
     nuisance_families: tuple[str, ...] = ()
+    # "still-right": a control's negatives are only the changed images the classifier still reads right (one it
+    # misreads is one the decision should flag: docs/detection.md#cifar-10-controls-the-classifier-misreads)
+    control_negatives: str = "all"
     seed: int = 0
     without: tuple[str, ...] = ()  # feature groups (core.features.GROUPS) or columns by the name before any "/" left out
 
@@ -57,6 +60,8 @@ class Options:
             raise ValueError(
                 f"unknown feature groups or columns {unknown}; groups: {', '.join(GROUPS)}; columns: {', '.join(sorted(heads))}"
             )
+        if self.control_negatives not in ("all", "still-right"):
+            raise ValueError(f"control negatives {self.control_negatives!r}: expected 'all' or 'still-right'")
         if self.nuisance_families and not self.nuisance:
             raise ValueError(f"nuisance families {list(self.nuisance_families)} given without nuisance: pass --nuisance as well")
 
@@ -67,6 +72,15 @@ class Sets:
 
     clean: Table
     adv: dict[str, Table] = field(default_factory=dict)
+    right: dict[str, np.ndarray] = field(default_factory=dict)  # per control: which of its rows the classifier still reads right
+
+
+def still_right(sets: Sets, control: str) -> Table:
+    """The rows of a control's table whose changed image the classifier still reads right."""
+    if control not in sets.right:
+        raise ValueError(f"control {control!r} has no record of which images the classifier still reads right")
+    keep = sets.right[control]
+    return {k: v[keep] for k, v in sets.adv[control].items()}
 
 
 def correct(bundle: Bundle, data: Dataset) -> Dataset:
@@ -163,13 +177,16 @@ def train(
     families: dict[str, str] | None = None,
 ) -> LearnedDetector:
     """Fits the model: clean part-A images (weight 1 in all), the controls (`control_weight` in all, the
-    same for each) negatives; the attacks (weight 1 in all, the same for each) positives. families maps
+    same for each; with `opts.control_negatives` "still-right" only their images read right) negatives; the attacks (weight 1 in all, the same for each) positives. families maps
     each control to its family (needed for `opts.nuisance_families`)."""
     mu, sd = (torch.from_numpy(s) for s in stats)
     empty = LearnedDetector(opts.spec, tuple(names), mu, sd, torch.zeros(len(names)), torch.ones(len(names)), {})
     groups = (
         [(a.clean, 0.0, 1.0)]
-        + [(a.adv[c], 0.0, opts.control_weight / len(controls)) for c in controls]
+        + [
+            (still_right(a, c) if opts.control_negatives == "still-right" else a.adv[c], 0.0, opts.control_weight / len(controls))
+            for c in controls
+        ]
         + [(a.adv[s], 1.0, 1.0 / len(attacks)) for s in attacks if len(a.adv[s]["margin"])]
     )
     mats = [empty.matrix(raw(t)) for t, _, _ in groups]  # unstandardised yet: mean 0, std 1
@@ -296,9 +313,11 @@ def collect(
         n = limit if p == "a" else validate_limit
         sets[p] = Sets(cached_features(bundle, d.x, spec, cache, images_key(bundle, d, "clean", None)))
         for attack in specs:
-            x, _ = attacked(bundle, d, attack, n, cache)
+            x, y = attacked(bundle, d, attack, n, cache)
             empty = {c: np.zeros((0, *v.shape[1:])) for c, v in sets[p].clean.items()}  # no successful image
             sets[p].adv[attack.name] = cached_features(bundle, x, spec, cache, images_key(bundle, d, attack.name, n)) if len(x) else empty
+            if attack.control:
+                sets[p].right[attack.name] = sets[p].adv[attack.name]["predicted"] == y.numpy()
             log(f"part {p.upper()} {attack.name}: {len(x)} images ({time.time() - t0:.0f} s)")
     k = int(bundle.model(parts["a"].x[:1].to(device_of(bundle.model))).shape[1])
     return Collected(
@@ -326,6 +345,8 @@ def fit(c: Collected, opts: Options) -> tuple[LearnedDetector, dict[str, Any]]:
     rows: dict[str, Any] = {}
     for name in c.attacks + c.controls:
         rows[name] = {"family": c.families[name], "control": name in c.controls, "seen": measure(detector, b.clean, b.adv[name])}
+        if name in c.controls:  # its false alarms: among the changed images the classifier still reads right
+            rows[name]["still_right"] = measure(detector, b.clean, still_right(b, name))
     for family in sorted({c.families[x] for x in c.attacks}):
         without = train(a, [x for x in c.attacks if c.families[x] != family], c.controls, opts, names, c.stats, c.families)
         for name in (x for x in c.attacks if c.families[x] == family):
@@ -344,6 +365,7 @@ def fit(c: Collected, opts: Options) -> tuple[LearnedDetector, dict[str, Any]]:
             "control_margin": opts.control_margin,
             "nuisance": opts.nuisance,
             "nuisance_families": list(opts.nuisance_families),
+            "control_negatives": opts.control_negatives,
             "seed": opts.seed,
             "without": list(opts.without),
         },
@@ -358,16 +380,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Learned detector ({d['options']['kind']}, {len(d['columns'])} features)",
         "",
         f"Trained on part A ({d['n_clean']} clean images) with attacks {', '.join(d['attacks'])} and controls {', '.join(d['controls'])}; "
-        f"measured on part B ({report['clean_b']} clean images set the thresholds). Each cell: AUC / TPR@0.05 / TPR@0.01.",
+        f"measured on part B ({report['clean_b']} clean images set the thresholds). Each cell: AUC / TPR@0.05 / TPR@0.01; "
+        "a control's second cell: the same among its changed images the classifier still reads right (n), its false alarms. "
+        f"Controls' negatives: {d['options'].get('control_negatives', 'all')} of their images.",
         "",
         "| spec | family | n | trained on everything | trained without its family |",
         "|---|---|---|---|---|",
     ]
     fmt = lambda r: f"{r['auc']:.3f} / {r['tpr@0.05']:.3f} / {r['tpr@0.01']:.3f}" if r else "—"  # noqa: E731
     for name, r in report["rows"].items():
-        lines.append(
-            f"| {name}{' (control)' if r['control'] else ''} | {r['family']} | {r['seen']['n']} | {fmt(r['seen'])} | {fmt(r.get('left_out'))} |"
-        )
+        second = f"still read right ({r['still_right']['n']}): {fmt(r['still_right'])}" if "still_right" in r else fmt(r.get("left_out"))
+        lines.append(f"| {name}{' (control)' if r['control'] else ''} | {r['family']} | {r['seen']['n']} | {fmt(r['seen'])} | {second} |")
     return "\n".join(lines) + "\n"
 
 
