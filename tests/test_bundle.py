@@ -77,7 +77,7 @@ def test_shipped_cifar10_bundle() -> None:
     assert cal is not None and cal.weights_sha256 == b.weights_sha256 and cal.data["correct"] > 2200 and cal.n > 2200
     assert cal.decision_scores == ("learned",) and b.mahalanobis is not None and b.detector is not None
     assert "part B" in cal.data["description"]  # the detector trained on part A
-    assert set(cal.values) == set(SCORES) | {"feature_squeezing", "mahalanobis", "learned", "fisher_noise_shift"}
+    assert set(cal.values) == set(SCORES) | {"feature_squeezing", "squeeze_drop", "mahalanobis", "learned", "fisher_noise_shift"}
     with torch.no_grad():
         assert b.model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
