@@ -268,6 +268,11 @@ def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
         assert misread.dtype == bool and len(misread) == rep["attacked_images"] and "fgsm:0.2/misread" not in z.files
     assert noise["still_right"]["n"] == int((~misread).sum()) and 0 <= noise["still_right"]["flagged@0.05"] <= 1
     assert rep["attacks"]["fgsm:0.2"]["still_right"] is None and "still read right" in (out / "report.md").read_text()
+    # a control's own flags: flagged changed and not unchanged, never more than its flag rate; the unchanged images' rate beside
+    for alpha in ("0.05", "0.01"):
+        assert 0 <= noise["added"][f"flagged@{alpha}"] <= noise["decision"][f"tpr@{alpha}"]
+        assert noise["decision"][f"tpr@{alpha}"] <= noise["added"][f"flagged@{alpha}"] + rep["attacked_unchanged"][f"flagged@{alpha}"] + 1e-12
+    assert rep["attacks"]["fgsm:0.2"]["added"] is None and "flagged unchanged at" in (out / "report.md").read_text()
     scores = rep["attacks"]["fgsm:0.2"]["scores"]
     assert {"feature_squeezing", "mahalanobis", "mahalanobis_layers", "fisher_input_trace"} <= set(scores)
     assert (out / "roc-fgsm_0.2.png").stat().st_size > 1000
@@ -282,3 +287,11 @@ def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
         assert {k: row[k] for k in ("tpr@0.05", "tpr@0.01", "auc")} == {
             k: rep["attacks"][name]["decision"][k] for k in ("tpr@0.05", "tpr@0.01", "auc")
         }
+
+
+def test_a_controls_own_flags_leave_out_the_images_flagged_unchanged() -> None:
+    """evaluate's `added`: flagged after the change and not before it, per α."""
+    from service.lab.evaluate import _added
+
+    p, unchanged = np.array([0.01, 0.2, 0.03, 0.008]), np.array([0.01, 0.01, 0.5, 0.5])
+    assert _added(p, unchanged, (0.05, 0.01)) == {"flagged@0.05": 0.5, "flagged@0.01": 0.25}

@@ -121,6 +121,7 @@ def evaluate(
     pick = torch.from_numpy(seeded_pick(len(x), limit))
     x, y = x[pick], y[pick]
     p_clean = cal.decision_p_value(clean, data.y.numpy()[ok])
+    p_unchanged = p_clean[pick.numpy()]  # the attacked images themselves, before any change
     per_image: dict[str, np.ndarray] = {f"clean/{k}": v for k, v in clean.items()} | {f"calibration/{k}": v for k, v in cal_values.items()}
     report: dict[str, Any] = {
         "per_image": per_image,  # thresholded-form values per image, for offline analysis (write() puts them in scores.npz)
@@ -137,6 +138,7 @@ def evaluate(
             },
         },
         "attacked_images": len(x),
+        "attacked_unchanged": decision.rates(p_unchanged, alphas, "flagged"),  # what each control's rate is measured against
         "attacks": {},
     }
     for attack in attack_list:
@@ -166,6 +168,7 @@ def evaluate(
             "unflagged_success_rate": {str(a): success * (1 - stat[f"tpr@{a}"]) for a in alphas},
             "flag_rate_by_predicted_class": _flags_by_class(p_adv, adv_pred[hit].numpy(), alphas[0]),
             "still_right": _still_right(p_adv, misread, alphas) if attack.control else None,
+            "added": _added(p_adv, p_unchanged, alphas) if attack.control else None,
             "scores": _rows(cal_values, clean, adv_scores, alphas),
             "seconds": round(time.time() - t0, 1),
         }
@@ -183,6 +186,12 @@ def seen(bundle: Bundle, attack: Attack) -> bool | None:
 def _still_right(p: np.ndarray, misread: np.ndarray, alphas: Sequence[float]) -> dict[str, Any]:
     """A control's false alarms: its flag rate among the changed images the classifier still reads right."""
     return {"n": int((~misread).sum())} | decision.rates(p[~misread], alphas, "flagged")
+
+
+def _added(p: np.ndarray, p_unchanged: np.ndarray, alphas: Sequence[float]) -> dict[str, float]:
+    """A control's own flags: the share of its images flagged after the change and not before it (the
+    same images unchanged), per α."""
+    return {f"flagged@{a}": float((decision.flag(p, a) & ~decision.flag(p_unchanged, a)).mean()) for a in alphas}
 
 
 def _flags_by_class(p: np.ndarray, predicted: np.ndarray, alpha: float) -> dict[str, float]:

@@ -177,8 +177,9 @@ def train(
     families: dict[str, str] | None = None,
 ) -> LearnedDetector:
     """Fits the model: clean part-A images (weight 1 in all), the controls (`control_weight` in all, the
-    same for each; with `opts.control_negatives` "still-right" only their images read right) negatives; the attacks (weight 1 in all, the same for each) positives. families maps
-    each control to its family (needed for `opts.nuisance_families`)."""
+    same for each; with `opts.control_negatives` "still-right" only their images read right) negatives;
+    the attacks (weight 1 in all, the same for each) positives. families maps each control to its
+    family (needed for `opts.nuisance_families`)."""
     mu, sd = (torch.from_numpy(s) for s in stats)
     empty = LearnedDetector(opts.spec, tuple(names), mu, sd, torch.zeros(len(names)), torch.ones(len(names)), {})
     groups = (

@@ -98,14 +98,23 @@ def false_alarms(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> li
     lines = [
         "Benign controls, split by whether the classifier still reads the changed image right (flagging a misread one is no false alarm):",
         "",
-        f"| control | misread | flagged {flagged} | still read right | flagged among them {flagged} |",
-        "|---|---|---|---|---|",
+    ]
+    unchanged = report.get("attacked_unchanged")
+    if unchanged:  # the same images before the change: a control's rate on a small subset is measured against theirs
+        rates = " / ".join(f"{unchanged[f'flagged@{al}']:.3f}" for al in alphas)
+        lines += [f"The {report['attacked_images']} images the controls change are flagged unchanged at {rates}.", ""]
+    added = all(a.get("added") for _, a in rows)
+    lines += [
+        f"| control | misread | flagged {flagged} | still read right | flagged among them {flagged} |"
+        + (f" flagged changed, not unchanged {flagged} |" if added else ""),
+        "|---|---|---|---|---|" + ("---|" if added else ""),
     ]
     for name, a in rows:
         raw = " / ".join(f"{a['decision'][f'tpr@{al}']:.3f}" for al in alphas)
         right = a["still_right"]
         among = " / ".join("—" if right["n"] == 0 else f"{right[f'flagged@{al}']:.3f}" for al in alphas)
-        lines.append(f"| {name} | {a['success_rate']:.3f} | {raw} | {right['n']} | {among} |")
+        own = " / ".join(f"{a['added'][f'flagged@{al}']:.3f}" for al in alphas) + " |" if added else ""
+        lines.append(f"| {name} | {a['success_rate']:.3f} | {raw} | {right['n']} | {among} |" + (f" {own}" if added else ""))
     return [*lines, ""]
 
 
