@@ -218,6 +218,24 @@ def test_art_attacks_run_on_the_shipped_model(mnist: Bundle, digits, spec: str) 
     assert adv.shape == x[:6].shape and _success(mnist.model, x[:6], y[:6], adv) >= 0.5
 
 
+def test_art_attacks_are_the_same_on_the_same_images() -> None:
+    """ART draws from numpy's global generator: each call is seeded, so a re-run of an evaluation gives
+    the same ART rows, and the caller's generator state is left as it was."""
+    pytest.importorskip("art")
+    from tests.small_models import make
+
+    model, shape = make("bncnn")
+    x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    np.random.seed(123)
+    runs = [
+        parse_attack(spec).run(model, x, y)
+        for spec in ("art_square:0.1:50", "art_square:0.1:50", "art_apgd:0.1:dlr:5", "art_apgd:0.1:dlr:5")
+    ]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3])
+    assert np.random.random() == np.random.RandomState(123).random_sample()  # the caller's stream, untouched
+
+
 def test_baselines_separate_strong_attacks(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
     x, y = digits
     maha = Mahalanobis.fit(mnist.model, x, y)
@@ -271,7 +289,9 @@ def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
     # a control's own flags: flagged changed and not unchanged, never more than its flag rate; the unchanged images' rate beside
     for alpha in ("0.05", "0.01"):
         assert 0 <= noise["added"][f"flagged@{alpha}"] <= noise["decision"][f"tpr@{alpha}"]
-        assert noise["decision"][f"tpr@{alpha}"] <= noise["added"][f"flagged@{alpha}"] + rep["attacked_unchanged"][f"flagged@{alpha}"] + 1e-12
+        assert (
+            noise["decision"][f"tpr@{alpha}"] <= noise["added"][f"flagged@{alpha}"] + rep["attacked_unchanged"][f"flagged@{alpha}"] + 1e-12
+        )
     assert rep["attacks"]["fgsm:0.2"]["added"] is None and "flagged unchanged at" in (out / "report.md").read_text()
     scores = rep["attacks"]["fgsm:0.2"]["scores"]
     assert {"feature_squeezing", "mahalanobis", "mahalanobis_layers", "fisher_input_trace"} <= set(scores)

@@ -28,15 +28,21 @@ def _classifier(model: nn.Module, x: Tensor) -> Any:
     )
 
 
-def _run(make: Callable[[Any], Any], model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """An ART evasion attack on (x, y), untargeted with the true labels; back as a tensor on x's device."""
-    was = model.training
+def _run(make: Callable[[Any], Any], model: nn.Module, x: Tensor, y: Tensor, seed: int = 0) -> Tensor:
+    """An ART evasion attack on (x, y), untargeted with the true labels; back as a tensor on x's device.
+    ART draws its random starts and proposals from numpy's (and torch's) global generators: they are
+    seeded for the call and restored after it, so the same images give the same attack."""
+    was, state = model.training, np.random.get_state()
     model.eval()
     try:
-        attack = make(_classifier(model, x))
-        adv = attack.generate(x.detach().cpu().numpy().astype(np.float32), y=y.detach().cpu().numpy())
+        with torch.random.fork_rng(devices=[]):
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            attack = make(_classifier(model, x))
+            adv = attack.generate(x.detach().cpu().numpy().astype(np.float32), y=y.detach().cpu().numpy())
     finally:
         model.train(was)
+        np.random.set_state(state)
     return torch.from_numpy(np.asarray(adv, dtype=np.float32)).to(x.device).clamp(0, 1)
 
 
