@@ -28,7 +28,10 @@ def _classifier(model: nn.Module, x: Tensor) -> Any:
     )
 
 
-def _run(make: Callable[[Any], Any], model: nn.Module, x: Tensor, y: Tensor, seed: int = 0) -> Tensor:
+SEED = 0  # ART's global generators are seeded with it for each call
+
+
+def _run(make: Callable[[Any], Any], model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """An ART evasion attack on (x, y), untargeted with the true labels; back as a tensor on x's device.
     ART draws its random starts and proposals from numpy's (and torch's) global generators: they are
     seeded for the call and restored after it, so the same images give the same attack."""
@@ -36,8 +39,8 @@ def _run(make: Callable[[Any], Any], model: nn.Module, x: Tensor, y: Tensor, see
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
-            np.random.seed(seed)
-            torch.manual_seed(seed)
+            np.random.seed(SEED)
+            torch.manual_seed(SEED)
             attack = make(_classifier(model, x))
             adv = attack.generate(x.detach().cpu().numpy().astype(np.float32), y=y.detach().cpu().numpy())
     finally:
