@@ -155,7 +155,7 @@ def evaluate(
             per_image[f"{attack.name}/{MISREAD}"] = misread
         stat = decision.rates(p_adv, alphas, "tpr") | decision.rates(p_clean, alphas, "fpr")
         stat["auc"] = roc_auc(-cal.decision_rank(clean), -cal.decision_rank(adv_scores)) if len(p_adv) else float("nan")
-        success = float((adv_pred != y).float().mean())
+        success = float(misread.mean())
         report["attacks"][attack.name] = {
             "control": attack.control,
             "family": attack.family,

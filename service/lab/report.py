@@ -101,20 +101,21 @@ def false_alarms(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> li
     ]
     unchanged = report.get("attacked_unchanged")
     if unchanged:  # the same images before the change: a control's rate on a small subset is measured against theirs
-        rates = " / ".join(f"{unchanged[f'flagged@{al}']:.3f}" for al in alphas)
-        lines += [f"The {report['attacked_images']} images the controls change are flagged unchanged at {rates}.", ""]
-    added = all(a.get("added") for _, a in rows)
+        flags = " / ".join(f"{unchanged[f'flagged@{al}']:.3f}" for al in alphas)
+        lines += [f"The {report['attacked_images']} images the controls change are flagged unchanged at {flags}.", ""]
+    added = all(a.get("added") for _, a in rows)  # older reports lack each control's own flags
     lines += [
         f"| control | misread | flagged {flagged} | still read right | flagged among them {flagged} |"
         + (f" flagged changed, not unchanged {flagged} |" if added else ""),
         "|---|---|---|---|---|" + ("---|" if added else ""),
     ]
+    rates = lambda r: " / ".join(f"{r[f'flagged@{al}']:.3f}" for al in alphas)  # noqa: E731
     for name, a in rows:
         raw = " / ".join(f"{a['decision'][f'tpr@{al}']:.3f}" for al in alphas)
         right = a["still_right"]
-        among = " / ".join("—" if right["n"] == 0 else f"{right[f'flagged@{al}']:.3f}" for al in alphas)
-        own = " / ".join(f"{a['added'][f'flagged@{al}']:.3f}" for al in alphas) + " |" if added else ""
-        lines.append(f"| {name} | {a['success_rate']:.3f} | {raw} | {right['n']} | {among} |" + (f" {own}" if added else ""))
+        among = " / ".join("—" for _ in alphas) if right["n"] == 0 else rates(right)
+        own = f" {rates(a['added'])} |" if added else ""
+        lines.append(f"| {name} | {a['success_rate']:.3f} | {raw} | {right['n']} | {among} |{own}")
     return [*lines, ""]
 
 
