@@ -1,7 +1,9 @@
 """Attacks, controls, baselines and the evaluation harness, on the shipped MNIST model and fixtures."""
 
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from service.core.scoring import score_dataset
 from service.fisher.input_fisher import top_eigenpair
 from service.lab import adaptive, attacks
 from service.lab.attack_specs import parse_attack
-from service.lab.stats import roc_auc
+from service.lab.stats import rate_interval, roc_auc
 from tests import small_models
 from tests.conftest import FIXTURES
 
@@ -249,6 +251,40 @@ def test_baselines_separate_strong_attacks(mnist: Bundle, digits) -> None:  # ty
 def test_roc_auc_counts_ties_as_half() -> None:
     assert roc_auc(np.array([0.0, 1.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
     assert roc_auc(np.array([0.0]), np.array([0.0])) == 0.5
+
+
+def _binomial_tail(k: int, n: int, p: float, upper: bool) -> float:
+    """P(X ≥ k) (upper) or P(X ≤ k) for X ~ Binomial(n, p), 0 < p < 1, summed term by term (each in logs)."""
+    terms = range(k, n + 1) if upper else range(0, k + 1)
+    log_choose = lambda i: math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)  # noqa: E731
+    return sum(math.exp(log_choose(i) + i * math.log(p) + (n - i) * math.log1p(-p)) for i in terms)
+
+
+def _solve(f: Callable[[float], float], target: float) -> float:
+    """The p in [0, 1] with f(p) = target for an f increasing in p, by bisection."""
+    lo, hi = 0.0, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 80), (8, 80), (80, 80), (3, 17), (100, 2000)])
+def test_rate_interval_is_clopper_pearson(k: int, n: int) -> None:
+    """The exact interval's ends: P(X ≥ k | lower) = 0.025 = P(X ≤ k | upper), against term-by-term binomial
+    sums; 0 and 1 at the edges."""
+    lo, hi = rate_interval(k, n)
+    ref_lo = 0.0 if k == 0 else _solve(lambda p: _binomial_tail(k, n, p, upper=True), 0.025)
+    ref_hi = 1.0 if k == n else _solve(lambda p: -_binomial_tail(k, n, p, upper=False), -0.025)
+    assert lo == pytest.approx(ref_lo, abs=1e-9) and hi == pytest.approx(ref_hi, abs=1e-9)
+    assert lo <= k / n <= hi
+    if k == 0:
+        assert hi == pytest.approx(1 - 0.025 ** (1 / n))
+
+
+def test_rate_interval_refuses_a_rate_that_is_none() -> None:
+    with pytest.raises(ValueError, match="k = 3, n = 2"):
+        rate_interval(3, 2)
 
 
 def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:

@@ -168,8 +168,12 @@ def test_evaluate_small(tmp_path: Path, small_npz: Path) -> None:
     md = (out / "report.md").read_text()
     assert md.startswith("# Detection report: mnist")
     # the summary row: PGD-L∞ is a family the shipped detector was trained on; every success flagged
-    assert "| pgd_linf:0.3 | seen | 1.000 | 16 | 1.000 | 1.000 | 1.000 | 0.000 |" in md
+    # 16 of 16 flagged: the exact 95% interval of the TPR is 0.025^(1/16) = 0.794 to 1
+    assert "| pgd_linf:0.3 | seen | 1.000 | 16 | 1.000 | 1.000 | 1.000 | 0.794–1.000 | 0.000 |" in md
     assert "- seen (1): mean TPR 1.000 at α = 0.05, 1.000 at α = 0.01; lowest at α = 0.05: 1.000" in md
+    (out / "report.md").unlink()  # the markdown is the JSON's alone: written again from it, the same file
+    assert subprocess.run([sys.executable, "-m", "service.lab.report", str(out)], check=True).returncode == 0
+    assert (out / "report.md").read_text() == md
 
 
 def _free_port() -> int:

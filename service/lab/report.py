@@ -1,4 +1,8 @@
-"""An evaluation report as files: report.json, report.md, scores.npz (every image's values) and ROC plots."""
+"""An evaluation report as files: report.json, report.md, scores.npz (every image's values) and ROC plots.
+
+`python -m service.lab.report DIR ...` writes each DIR's report.md again from its report.json (the
+markdown is a function of the JSON alone), so a committed report gains a later column without a new run.
+"""
 
 import json
 from collections.abc import Sequence
@@ -8,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from service.lab.evaluate import ALPHAS
+from service.lab.stats import rate_interval
 
 
 def markdown(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> str:
@@ -66,18 +71,24 @@ def summary(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> list[st
     fpr = report["clean"]["decision_fpr"]
     lines = ["## Summary", "", "Clean FPR of the decision: " + ", ".join(f"{fpr[str(a)]:.3f} at α = {a}" for a in alphas) + ".", ""]
     tpr = " | ".join(f"TPR@{a}" for a in alphas)
-    lines += [f"| attack | kind | success | n | AUC | {tpr} | succeeds unflagged @{alphas[0]} |", "|" + "---|" * (6 + len(alphas))]
+    lines += [
+        f"| attack | kind | success | n | AUC | {tpr} | 95% interval @{alphas[0]} | succeeds unflagged @{alphas[0]} |",
+        "|" + "---|" * (7 + len(alphas)),
+    ]
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for name, a in report["attacks"].items():
         d, k, control = a["decision"], kind(a), a["control"]
         success = "—" if control else f"{a['success_rate']:.3f}"
         if a["n_successful"] == 0:
-            lines.append(f"| {name} | {k} | {success} | 0 | — |" + " — |" * len(alphas) + " 0.000 |")
+            lines.append(f"| {name} | {k} | {success} | 0 | — |" + " — |" * (1 + len(alphas)) + " 0.000 |")
             continue
         by_kind.setdefault(k, []).append(d)
         unflagged = "—" if control else f"{a['unflagged_success_rate'][str(alphas[0])]:.3f}"
         cells = " | ".join(f"{d[f'tpr@{al}']:.3f}" for al in alphas)
-        lines.append(f"| {name} | {k} | {success} | {a['n_successful']} | {d.get('auc', float('nan')):.3f} | {cells} | {unflagged} |")
+        ci = interval(d[f"tpr@{alphas[0]}"], a["n_successful"])
+        lines.append(
+            f"| {name} | {k} | {success} | {a['n_successful']} | {d.get('auc', float('nan')):.3f} | {cells} | {ci} | {unflagged} |"
+        )
     lines.append("")
     for k, rows in by_kind.items():
         means = ", ".join(f"{np.mean([r[f'tpr@{al}'] for r in rows]):.3f} at α = {al}" for al in alphas)
@@ -105,18 +116,26 @@ def false_alarms(report: dict[str, Any], alphas: Sequence[float] = ALPHAS) -> li
         lines += [f"The {report['attacked_images']} images the controls change are flagged unchanged at {flags}.", ""]
     added = all(a.get("added") for _, a in rows)  # older reports lack each control's own flags
     lines += [
-        f"| control | misread | flagged {flagged} | still read right | flagged among them {flagged} |"
+        f"| control | misread | flagged {flagged} | still read right | flagged among them {flagged} | 95% interval among them @{alphas[0]} |"
         + (f" flagged changed, not unchanged {flagged} |" if added else ""),
-        "|---|---|---|---|---|" + ("---|" if added else ""),
+        "|---|---|---|---|---|---|" + ("---|" if added else ""),
     ]
     rates = lambda r: " / ".join(f"{r[f'flagged@{al}']:.3f}" for al in alphas)  # noqa: E731
     for name, a in rows:
         raw = " / ".join(f"{a['decision'][f'tpr@{al}']:.3f}" for al in alphas)
         right = a["still_right"]
         among = " / ".join("—" for _ in alphas) if right["n"] == 0 else rates(right)
+        ci = "—" if right["n"] == 0 else interval(right[f"flagged@{alphas[0]}"], right["n"])
         own = f" {rates(a['added'])} |" if added else ""
-        lines.append(f"| {name} | {a['success_rate']:.3f} | {raw} | {right['n']} | {among} |{own}")
+        lines.append(f"| {name} | {a['success_rate']:.3f} | {raw} | {right['n']} | {among} | {ci} |{own}")
     return [*lines, ""]
+
+
+def interval(rate: float, n: int) -> str:
+    """The exact 95% interval (service.lab.stats.rate_interval) of a rate measured on n images, `lo–hi`:
+    on 80 images a flag rate of 0.100 reads 0.044–0.188, on 2000 images 0.087–0.114."""
+    lo, hi = rate_interval(round(rate * n), n)
+    return f"{lo:.3f}–{hi:.3f}"
 
 
 def plot_roc(report: dict[str, Any], out: Path, top: int = 6) -> None:
@@ -153,3 +172,15 @@ def write(report: dict[str, Any], out: Path) -> None:
     report = {k: v for k, v in report.items() if k != "per_image"}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
+
+
+def rerender(out: Path) -> None:
+    """report.md again from out/report.json."""
+    (out / "report.md").write_text(markdown(json.loads((out / "report.json").read_text())))
+
+
+if __name__ == "__main__":
+    import sys
+
+    for d in sys.argv[1:]:
+        rerender(Path(d))

@@ -1,4 +1,5 @@
-"""Statistics of detection (docs/detection.md#protocol): ROC-AUC with ties, ROC points, bootstrap intervals."""
+"""Statistics of detection (docs/detection.md#protocol): ROC-AUC with ties, ROC points, bootstrap intervals,
+exact intervals of rates."""
 
 import numpy as np
 
@@ -29,3 +30,14 @@ def bootstrap_auc(clean: np.ndarray, adv: np.ndarray, reps: int = 200, seed: int
     aucs = [roc_auc(rng.choice(clean, len(clean)), rng.choice(adv, len(adv))) for _ in range(reps)]
     lo, hi = np.percentile(aucs, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def rate_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper–Pearson) interval of a rate k / n: it holds the true rate with probability at
+    least `level`. For k = 0 the lower end is 0 and the upper 1 − ((1 − level) / 2)^(1/n)."""
+    from scipy.stats import binomtest
+
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"a rate needs 0 ≤ k ≤ n and n > 0, got k = {k}, n = {n}")
+    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="exact")
+    return float(ci.low), float(ci.high)
