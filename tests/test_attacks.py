@@ -322,6 +322,8 @@ def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
         assert misread.dtype == bool and len(misread) == rep["attacked_images"] and "fgsm:0.2/misread" not in z.files
     assert noise["still_right"]["n"] == int((~misread).sum()) and 0 <= noise["still_right"]["flagged@0.05"] <= 1
     assert rep["attacks"]["fgsm:0.2"]["still_right"] is None and "still read right" in (out / "report.md").read_text()
+    lo, hi = rate_interval(round(noise["still_right"]["flagged@0.05"] * noise["still_right"]["n"]), noise["still_right"]["n"])
+    assert f"| {lo:.3f}–{hi:.3f} |" in (out / "report.md").read_text()  # the false-alarm rate's exact interval beside it
     # a control's own flags: flagged changed and not unchanged, never more than its flag rate; the unchanged images' rate beside
     for alpha in ("0.05", "0.01"):
         assert 0 <= noise["added"][f"flagged@{alpha}"] <= noise["decision"][f"tpr@{alpha}"]
