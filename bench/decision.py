@@ -10,8 +10,10 @@ the attacks and both α — the issue's goal is set at 0.05, the service flags a
 decision must hold at both — then the highest worst-case TPR at α = 0.05. A control's flags are
 counted among the changed images the classifier still reads right when the run recorded which those
 are (its false alarms; a brightened digit the classifier now misreads is one to flag), among all of
-them otherwise; both rates are reported. When no decision is admissible, the one whose worst
-control is flagged least above α (rounded to 0.001), then the same:
+them otherwise; both rates are reported. When no decision is admissible, the one with the fewest
+(control, α) pairs flagged above α + 0.015 first — the goal holds each control, so one control every
+decision misses must not hide the others — then the one whose worst control is flagged least above α
+(rounded to 0.001), then the same:
 
     python -m bench.decision --scores /tmp/select-mnist/scores.npz --out bench/results/decision-mnist
 """
@@ -106,6 +108,7 @@ def measure(
         row[f"worst_control_all@{alpha}"] = max((c[f"tpr@{alpha}"] for c in controls), default=0.0)
         row[f"mean_tpr@{alpha}"] = float(np.mean([a[f"tpr@{alpha}"] for a in real]))
     row["control_excess"] = excess_over_alpha({alpha: row[f"worst_control@{alpha}"] for alpha in ALPHAS})
+    row["controls_over"] = controls_over(controls)
     row["admissible"] = row["control_excess"] <= CONTROL_SLACK
     row["mean_tpr"] = float(np.mean([row[f"mean_tpr@{alpha}"] for alpha in ALPHAS]))
     row["worst_tpr@0.05"] = min(a["tpr@0.05"] for a in real)
@@ -126,12 +129,22 @@ def excess_over_alpha(worst_control: Mapping[float, float]) -> float:
     return round(max(rate - alpha for alpha, rate in worst_control.items()), 9)
 
 
-def rank(row: dict[str, Any]) -> tuple[bool, float, float, float]:
+def controls_over(controls: list[dict[str, float]]) -> int:
+    """How many (control, α) pairs are flagged above α + CONTROL_SLACK (false alarms where recorded),
+    with excess_over_alpha's rounding."""
+    return sum(
+        excess_over_alpha({alpha: c.get(f"still_right@{alpha}", c[f"tpr@{alpha}"])}) > CONTROL_SLACK for c in controls for alpha in ALPHAS
+    )
+
+
+def rank(row: dict[str, Any]) -> tuple[bool, int, float, float, float]:
     """The rule's order: admissible decisions first, by mean TPR then worst TPR at 0.05; after them the
-    inadmissible, the smallest excess of their worst control over α first (so that when no decision is
-    admissible the top row is the one that departs least from α on the controls), then the same."""
-    excess = 0.0 if row["admissible"] else row["control_excess"]
-    return (not row["admissible"], round(excess, 3), -row["mean_tpr"], -row["worst_tpr@0.05"])
+    inadmissible, the fewest (control, α) pairs over α + CONTROL_SLACK first, then the smallest excess
+    of their worst control over α (so that when no decision is admissible the top row is the one that
+    departs from the goal on the fewest controls, and least), then the same."""
+    if row["admissible"]:
+        return (False, 0, 0.0, -row["mean_tpr"], -row["worst_tpr@0.05"])
+    return (True, row["controls_over"], round(row["control_excess"], 3), -row["mean_tpr"], -row["worst_tpr@0.05"])
 
 
 def main() -> None:
@@ -161,7 +174,8 @@ def main() -> None:
         "",
         f"Fitted on {half} clean calibration-half images, measured on the other {len(perm) - half} and on the attacks. "
         f"TPR at α = 0.05 / 0.01 per attack. Decisions that flag a benign control more often than α + {CONTROL_SLACK} "
-        "at either α are inadmissible and listed last, the least excess of their worst control over α first; "
+        "at either α are inadmissible and listed last, the fewest (control, α) pairs over that first, then the least "
+        "excess of their worst control over α; "
         "then sorted by the mean TPR over the non-control attacks and both α, then the worst TPR at 0.05."
         + (
             " A control's cell is its flag rate among all its images, then, after a semicolon, among those the classifier "
@@ -170,15 +184,15 @@ def main() -> None:
             else ""
         ),
         "",
-        "| decision | admissible | clean FPR | mean TPR | mean TPR@0.05 | mean TPR@0.01 | worst TPR@0.05 | worst AUC | "
+        "| decision | admissible | controls over | clean FPR | mean TPR | mean TPR@0.05 | mean TPR@0.01 | worst TPR@0.05 | worst AUC | "
         + " | ".join(names)
         + " |",
-        "|" + "---|" * (8 + len(names)),
+        "|" + "---|" * (9 + len(names)),
     ]
     for row in rows[: a.top]:
         cells = " | ".join(cell(row["attacks"][n]) for n in names)
         lines.append(
-            f"| {' + '.join(row['components'])} | {'yes' if row['admissible'] else 'no'} | {row['fpr@0.05']:.3f} / {row['fpr@0.01']:.3f} "
+            f"| {' + '.join(row['components'])} | {'yes' if row['admissible'] else 'no'} | {row['controls_over']} | {row['fpr@0.05']:.3f} / {row['fpr@0.01']:.3f} "
             f"| {row['mean_tpr']:.3f} | {row['mean_tpr@0.05']:.3f} | {row['mean_tpr@0.01']:.3f} | {row['worst_tpr@0.05']:.3f} "
             f"| {row['worst_auc']:.3f} | {cells} |"
         )

@@ -26,7 +26,6 @@ def test_healthz_and_readyz(client: TestClient) -> None:
 
 COMPONENTS = [
     {"score": "squeeze_drop", "tail": "one-sided"},
-    {"score": "mahalanobis", "tail": "one-sided"},
     {"score": "learned", "tail": "one-sided"},
 ]
 
@@ -42,7 +41,7 @@ def test_detect_one_png(client: TestClient, digits) -> None:  # type: ignore[no-
     (res,) = body["results"]
     assert res["index"] == 0 and res["filename"] is None and res["status"] == "ok"
     assert res["predicted_class"] == int(y[0]) and res["label"] == str(int(y[0]))
-    assert set(res["scores"]) == {"confidence", "entropy", "margin", "squeeze_drop", "mahalanobis", "learned"}
+    assert set(res["scores"]) == {"confidence", "entropy", "margin", "squeeze_drop", "learned"}
     assert set(res["p_values"]) == set(res["scores"])
     assert res["decision"]["statistic"] == "combined"
     assert res["decision"]["components"] == COMPONENTS

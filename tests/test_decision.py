@@ -102,8 +102,33 @@ def test_when_nothing_is_admissible_the_least_excess_over_alpha_comes_first(tmp_
     by_name = {" + ".join(r["components"]): r for r in rows}
     margin, fs = by_name["margin:one-sided"], by_name["feature_squeezing:one-sided"]
     assert margin["mean_tpr"] > fs["mean_tpr"] and margin["control_excess"] > fs["control_excess"] > 0.015
-    assert rows[0]["control_excess"] == min(r["control_excess"] for r in rows)
+    fewest = min(r["controls_over"] for r in rows)
+    assert rows[0]["control_excess"] == min(r["control_excess"] for r in rows if r["controls_over"] == fewest)
     assert rows.index(fs) < rows.index(margin)
+
+
+def test_when_nothing_is_admissible_the_fewest_controls_over_the_goal_come_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every decision flags heavy blur on every image, so all share the worst excess; `mahalanobis` catches
+    more attacks but also flags brightness, `feature_squeezing` does not: one control every decision misses
+    must not hide another that only some miss, so `feature_squeezing` (blur over at both α: 2 pairs) comes
+    before `mahalanobis` and the combination (blur and brightness: 4)."""
+    rng = np.random.default_rng(5)
+    n, m = 4000, 400
+    clean = {"mahalanobis": rng.normal(0, 1, n), "feature_squeezing": rng.normal(0, 1, n)}
+    attacks = {
+        "pgd": {"mahalanobis": rng.normal(5, 1, m), "feature_squeezing": rng.normal(2.5, 1, m)},
+        "blur:1.5": {"mahalanobis": rng.normal(20, 1, m), "feature_squeezing": rng.normal(20, 1, m)},
+        "brightness:0.1": {"mahalanobis": rng.normal(2, 1, m), "feature_squeezing": rng.normal(0, 1, m)},
+    }
+    rows = select(tmp_path, monkeypatch, clean, attacks)
+    by_name = {" + ".join(r["components"]): r for r in rows}
+    maha, fs = by_name["mahalanobis:one-sided"], by_name["feature_squeezing:one-sided"]
+    both = by_name["feature_squeezing:one-sided + mahalanobis:one-sided"]
+    assert not any(r["admissible"] for r in rows)
+    assert maha["control_excess"] == fs["control_excess"] == both["control_excess"]  # blur at 1.0 for all
+    assert (fs["controls_over"], maha["controls_over"], both["controls_over"]) == (2, 4, 4)
+    assert maha["mean_tpr"] > fs["mean_tpr"] and rows[0] is not maha
+    assert rows[0]["components"] == ["feature_squeezing:one-sided"]
 
 
 def test_the_product_combination_is_calibrated_like_the_minimum() -> None:
