@@ -268,9 +268,9 @@ def test_fit_detector_end_to_end_and_calibrate_on_part_b(tmp_path: Path, mnist: 
 
 
 def test_a_request_for_the_shipped_scores_runs_the_copies_and_the_features_once(mnist: Bundle) -> None:
-    """The shipped MNIST decision asks for the squeeze drop, Mahalanobis and the detector: the first is
-    read from the copies the detector's features already ran, the second from the penultimate features
-    its forward already recorded, and each equals the baseline computed on its own."""
+    """A request for the squeeze drop (the shipped MNIST decision's, beside the detector), Mahalanobis and
+    the detector: the first is read from the copies the detector's features already ran, the second from
+    the penultimate features its forward already recorded, and each equals the baseline computed on its own."""
     from service.core.baselines import feature_squeezing
     from service.core.scoring import score
 
