@@ -104,12 +104,12 @@ def measure(
     real = [a for n, a in row["attacks"].items() if n.split(":")[0] not in CONTROLS]
     controls = [a for n, a in row["attacks"].items() if n.split(":")[0] in CONTROLS]
     for alpha in ALPHAS:
-        row[f"worst_control@{alpha}"] = max((c.get(f"still_right@{alpha}", c[f"tpr@{alpha}"]) for c in controls), default=0.0)
+        row[f"worst_control@{alpha}"] = max((false_alarms(c, alpha) for c in controls), default=0.0)
         row[f"worst_control_all@{alpha}"] = max((c[f"tpr@{alpha}"] for c in controls), default=0.0)
         row[f"mean_tpr@{alpha}"] = float(np.mean([a[f"tpr@{alpha}"] for a in real]))
     row["control_excess"] = excess_over_alpha({alpha: row[f"worst_control@{alpha}"] for alpha in ALPHAS})
     row["controls_over"] = controls_over(controls)
-    row["admissible"] = row["control_excess"] <= CONTROL_SLACK
+    row["admissible"] = row["controls_over"] == 0  # ⟺ control_excess ≤ CONTROL_SLACK
     row["mean_tpr"] = float(np.mean([row[f"mean_tpr@{alpha}"] for alpha in ALPHAS]))
     row["worst_tpr@0.05"] = min(a["tpr@0.05"] for a in real)
     row["worst_auc"] = min(a["auc"] for a in real)
@@ -129,22 +129,24 @@ def excess_over_alpha(worst_control: Mapping[float, float]) -> float:
     return round(max(rate - alpha for alpha, rate in worst_control.items()), 9)
 
 
+def false_alarms(control: Mapping[str, float], alpha: float) -> float:
+    """A control's flag rate at α among the images the classifier still reads right, when the run
+    recorded which those are; among all of them otherwise."""
+    return control.get(f"still_right@{alpha}", control[f"tpr@{alpha}"])
+
+
 def controls_over(controls: list[dict[str, float]]) -> int:
-    """How many (control, α) pairs are flagged above α + CONTROL_SLACK (false alarms where recorded),
-    with excess_over_alpha's rounding."""
-    return sum(
-        excess_over_alpha({alpha: c.get(f"still_right@{alpha}", c[f"tpr@{alpha}"])}) > CONTROL_SLACK for c in controls for alpha in ALPHAS
-    )
+    """How many (control, α) pairs are flagged above α + CONTROL_SLACK, with excess_over_alpha's rounding."""
+    return sum(excess_over_alpha({alpha: false_alarms(c, alpha)}) > CONTROL_SLACK for c in controls for alpha in ALPHAS)
 
 
-def rank(row: dict[str, Any]) -> tuple[bool, int, float, float, float]:
-    """The rule's order: admissible decisions first, by mean TPR then worst TPR at 0.05; after them the
-    inadmissible, the fewest (control, α) pairs over α + CONTROL_SLACK first, then the smallest excess
-    of their worst control over α (so that when no decision is admissible the top row is the one that
-    departs from the goal on the fewest controls, and least), then the same."""
-    if row["admissible"]:
-        return (False, 0, 0.0, -row["mean_tpr"], -row["worst_tpr@0.05"])
-    return (True, row["controls_over"], round(row["control_excess"], 3), -row["mean_tpr"], -row["worst_tpr@0.05"])
+def rank(row: dict[str, Any]) -> tuple[int, float, float, float]:
+    """The rule's order: the fewest (control, α) pairs over α + CONTROL_SLACK first — none for the
+    admissible decisions — then, among the inadmissible, the smallest excess of their worst control over
+    α (so that when no decision is admissible the top row is the one that departs from the goal on the
+    fewest controls, and least); then the highest mean TPR, then the highest worst TPR at 0.05."""
+    excess = 0.0 if row["admissible"] else round(row["control_excess"], 3)
+    return (row["controls_over"], excess, -row["mean_tpr"], -row["worst_tpr@0.05"])
 
 
 def main() -> None:
