@@ -308,6 +308,7 @@ def test_evaluate_with_controls_and_baselines(tmp_path: Path) -> None:
         "mahalanobis,mahalanobis_layers,feature_squeezing",
         "--out",
         str(out),
+        "--no-cache",
     ]
     assert main(args) == 0
     rep = json.loads((out / "report.json").read_text())

@@ -1,5 +1,6 @@
 """The `fisherguard` command: calibrate and evaluate on small data, serve as a real process."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from service.bundle import Bundle, BundleError, load_bundle
@@ -104,7 +106,20 @@ def test_calibrate_scores_changes_the_decision_without_rescoring(
         == 0
     )
     assert list(Mahalanobis.load(dst / "mahalanobis.safetensors")[0].layers) == ["7", "penultimate"]
-    run = ["evaluate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--attacks", "noise:0.1", "--limit", "2"]
+    run = [
+        "evaluate",
+        "--model",
+        str(dst),
+        "--data",
+        str(small_npz),
+        "--split",
+        "all",
+        "--attacks",
+        "noise:0.1",
+        "--limit",
+        "2",
+        "--no-cache",
+    ]
     assert main([*run, "--out", str(tmp_path / "e")]) == 0
     parts = ["--statistic", "combined", "--components", "fisher_input_trace:two-sided,mahalanobis:one-sided"]
     assert main([*args, *parts, "--scores", str(tmp_path / "e" / "scores.npz"), "--out", str(tmp_path / "fast.json")]) == 0
@@ -131,7 +146,20 @@ def test_calibrate_mondrian_from_scores_or_images_and_serve_it(tmp_path: Path, s
     parts = ["--statistic", "combined", "--components", "margin:two-sided,feature_squeezing:one-sided"]
     assert main([*args, *parts]) == 0
     slow = json.loads((dst / "calibration.json").read_text())
-    run = ["evaluate", "--model", str(dst), "--data", str(small_npz), "--split", "all", "--attacks", "noise:0.1", "--limit", "2"]
+    run = [
+        "evaluate",
+        "--model",
+        str(dst),
+        "--data",
+        str(small_npz),
+        "--split",
+        "all",
+        "--attacks",
+        "noise:0.1",
+        "--limit",
+        "2",
+        "--no-cache",
+    ]
     assert main([*run, "--out", str(tmp_path / "e")]) == 0
     assert main([*args, *parts, "--scores", str(tmp_path / "e" / "scores.npz"), "--out", str(tmp_path / "fast.json")]) == 0
     fast = json.loads((tmp_path / "fast.json").read_text())
@@ -156,7 +184,22 @@ def test_calibrate_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_evaluate_small(tmp_path: Path, small_npz: Path) -> None:
     out = tmp_path / "report"
     assert (
-        main(["evaluate", "--model", "mnist", "--data", str(small_npz), "--split", "all", "--attacks", "pgd_linf:0.3", "--out", str(out)])
+        main(
+            [
+                "evaluate",
+                "--model",
+                "mnist",
+                "--data",
+                str(small_npz),
+                "--split",
+                "all",
+                "--attacks",
+                "pgd_linf:0.3",
+                "--out",
+                str(out),
+                "--no-cache",
+            ]
+        )
         == 0
     )
     rep = json.loads((out / "report.json").read_text())
@@ -209,3 +252,43 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(digits, tmp_path: Path) -> N
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert subprocess.run(probe, env=env).returncode == 1  # nothing listens any more
+
+
+def test_evaluate_keeps_attacked_images_and_reruns_only_the_adaptive_attack(tmp_path: Path, small_npz: Path) -> None:
+    """--cache: a second run takes every attack's images from the cache — the same report rows — except the
+    adaptive attack's, which depends on the decision and is never kept (docs/detection.md#attack-cache)."""
+    cache = tmp_path / "cache"
+    run = ["evaluate", "--model", "mnist", "--data", str(small_npz), "--split", "all", "--limit", "6", "--cache", str(cache)]
+    run += ["--attacks", "fgsm:0.3,noise:0.1,adaptive:0.3"]
+    reports = []
+    for i in range(2):
+        assert main([*run, "--out", str(tmp_path / f"r{i}")]) == 0
+        reports.append(json.loads((tmp_path / f"r{i}" / "report.json").read_text())["attacks"])
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["fgsm_0.3", "noise_0.1"]  # nothing half-written, nothing adaptive
+    assert [a["cached"] for a in reports[0].values()] == [False, False, False]
+    assert [a["cached"] for a in reports[1].values()] == [True, True, False]
+    for name in ("fgsm:0.3", "noise:0.1"):
+        first, second = ({k: v for k, v in r[name].items() if k not in ("seconds", "cached")} for r in reports)
+        assert first == second
+
+
+def test_an_attacks_key_names_the_weights_the_spec_the_code_and_the_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """service.lab.attack_cache: change any of them and the kept images are not taken."""
+    from service.lab import attack_cache
+    from service.lab.attack_specs import parse_attack
+
+    mnist = load_bundle("mnist")
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([1, 2, 3])
+    fgsm = parse_attack("fgsm:0.1", mnist)
+    key = attack_cache.attack_key(mnist, fgsm, x, y)
+    assert key == attack_cache.attack_key(mnist, fgsm, x.clone(), y.clone())
+    assert key != attack_cache.attack_key(mnist, parse_attack("fgsm:0.2", mnist), x, y)
+    assert key != attack_cache.attack_key(mnist, fgsm, x.flip(0), y)
+    assert key != attack_cache.attack_key(mnist, fgsm, x, y.flip(0))
+    other = dataclasses.replace(mnist, weights_sha256="0" * 64)
+    assert key != attack_cache.attack_key(other, fgsm, x, y)
+    monkeypatch.setattr(attack_cache, "code_digest", lambda: "edited")
+    assert key != attack_cache.attack_key(mnist, fgsm, x, y)
+    assert all((Path(attack_cache.__file__).parent / name).is_file() for name in attack_cache.SOURCES)
+    assert attack_cache.path_for(Path("c"), mnist, parse_attack("adaptive:0.3", mnist), x, y) is None
+    assert attack_cache.path_for(None, mnist, fgsm, x, y) is None

@@ -24,6 +24,13 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     e.add_argument("--limit", type=int, help="attack at most this many clean images (seeded subset)")
     e.add_argument("--out", type=Path, default=Path("bench/results/evaluate"))
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(".cache/attacks"),
+        help="where attacked images are kept between runs (every attack but the adaptive one; docs/detection.md#attack-cache)",
+    )
+    e.add_argument("--no-cache", dest="cache", action="store_const", const=None, help="run every attack afresh and keep nothing")
     common.add_device(e)
     e.set_defaults(func=run)
 
@@ -39,7 +46,7 @@ def run(a: argparse.Namespace) -> int:
     data = load_dataset(path, a.split, bundle.classes, bundle.input)
     extra = extra_detectors(bundle, [b for b in a.baselines.split(",") if b], path, a.train_subset, a.split)
     attacks = [parse_attack(s, bundle) for s in a.attacks.split(",")]
-    result = evaluate(bundle, data, attacks, a.limit, batch_size=a.batch_size, progress=sys.stderr.isatty(), extra=extra)
+    result = evaluate(bundle, data, attacks, a.limit, batch_size=a.batch_size, progress=sys.stderr.isatty(), extra=extra, cache=a.cache)
     report.write(result, a.out)
     report.plot_roc(result, a.out)
     print(report.markdown(result))

@@ -23,7 +23,7 @@ from service.core.bundle import Bundle
 from service.core.calibration import conformal_p_value
 from service.core.scores import DETECTORS, SCORES
 from service.core.scoring import predict, score_dataset
-from service.lab import attacks
+from service.lab import attack_cache, attacks
 from service.lab.attack_specs import Attack
 from service.lab.data import Dataset, load_dataset, load_train_subset, seeded_pick
 from service.lab.stats import bootstrap_auc, roc_auc, roc_points
@@ -104,8 +104,10 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = False,
     extra: Extra | None = None,
+    cache: Path | None = None,
 ) -> dict[str, Any]:
-    """The report: clean FPR per score, and per attack its success, distortion and detection rows."""
+    """The report: clean FPR per score, and per attack its success, distortion and detection rows. With a
+    cache, an attack's images are kept there and taken from there (service.lab.attack_cache)."""
     cal = bundle.calibration
     if cal is None:
         raise ValueError(f"bundle {bundle.name} has no calibration.json; run `fisherguard calibrate` first")
@@ -143,7 +145,8 @@ def evaluate(
     }
     for attack in attack_list:
         t0 = time.time()
-        adv = run_attack(attack, bundle, x, y, batch_size)
+        path = attack_cache.path_for(cache, bundle, attack, x, y)
+        adv, was_kept = attack_cache.load_or_run(path, lambda: run_attack(attack, bundle, x, y, batch_size))  # noqa: B023 (called at once)
         adv_pred = predict(bundle, adv)
         hit = torch.ones_like(y, dtype=torch.bool) if attack.control else adv_pred != y  # controls keep every image
         delta = (adv - x)[hit].flatten(1)
@@ -171,6 +174,7 @@ def evaluate(
             "added": _added(p_adv, p_unchanged, alphas) if attack.control else None,
             "scores": _rows(cal_values, clean, adv_scores, alphas),
             "seconds": round(time.time() - t0, 1),
+            "cached": was_kept,  # the images came from the cache: `seconds` is then the scoring alone
         }
     return report
 

@@ -26,6 +26,7 @@ from service.core.features import GROUPS, FeatureSpec, RawFeatures, extract, gro
 from service.core.features import VERSION as FEATURES_VERSION
 from service.core.learned import LearnedDetector
 from service.core.scoring import predict
+from service.lab import attack_cache
 from service.lab.attack_specs import Attack, parse_attack
 from service.lab.data import Dataset, load_dataset, seeded_pick
 from service.lab.evaluate import ALPHAS, run_attack
@@ -116,23 +117,15 @@ def images_key(bundle: Bundle, data: Dataset, what: str, limit: int | None) -> s
 
 def attacked(
     bundle: Bundle, data: Dataset, attack: Attack, limit: int, cache: Path | None, batch: int = 100
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The attack on a seeded subset of `limit` images, 8-bit quantised; successful ones only (a control
-    keeps every image). Cached by weights, data, spec and limit."""
-    key = images_key(bundle, data, attack.name, limit)
-    path = cache / f"{attack.name.replace(':', '_').replace('/', '-')}-{key}.npz" if cache else None
+    keeps every image); and the key its images are kept under (service.lab.attack_cache)."""
     pick = torch.from_numpy(seeded_pick(len(data.y), limit))
     x, y = data.x[pick], data.y[pick]
-    if path is not None and path.is_file():
-        with np.load(path) as z:
-            adv = torch.from_numpy(z["x"]).float().div(255)
-    else:
-        adv = run_attack(attack, bundle, x, y, batch)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(path, x=(adv * 255).round().byte().numpy())
+    key = attack_cache.attack_key(bundle, attack, x, y)
+    adv, _ = attack_cache.load_or_run(attack_cache.path_for(cache, bundle, attack, x, y), lambda: run_attack(attack, bundle, x, y, batch))
     keep = torch.ones(len(y), dtype=torch.bool) if attack.control else predict(bundle, adv) != y
-    return adv[keep], y[keep]
+    return adv[keep], y[keep], key
 
 
 def shift_stats(table: Table, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -314,9 +307,9 @@ def collect(
         n = limit if p == "a" else validate_limit
         sets[p] = Sets(cached_features(bundle, d.x, spec, cache, images_key(bundle, d, "clean", None)))
         for attack in specs:
-            x, y = attacked(bundle, d, attack, n, cache)
+            x, y, key = attacked(bundle, d, attack, n, cache)
             empty = {c: np.zeros((0, *v.shape[1:])) for c, v in sets[p].clean.items()}  # no successful image
-            sets[p].adv[attack.name] = cached_features(bundle, x, spec, cache, images_key(bundle, d, attack.name, n)) if len(x) else empty
+            sets[p].adv[attack.name] = cached_features(bundle, x, spec, cache, key) if len(x) else empty
             if attack.control:
                 sets[p].right[attack.name] = sets[p].adv[attack.name]["predicted"] == y.numpy()
             log(f"part {p.upper()} {attack.name}: {len(x)} images ({time.time() - t0:.0f} s)")
