@@ -32,6 +32,11 @@ def small_npz(tmp_path: Path) -> Path:
     return path
 
 
+def evaluate_args(model: str | Path, data: Path, *more: str) -> list[str]:
+    """`fisherguard evaluate` on every image of `data` (the small fixtures have no split to speak of)."""
+    return ["evaluate", "--model", str(model), "--data", str(data), "--split", "all", *more]
+
+
 def test_calibrate_writes_a_calibration_the_bundle_accepts(tmp_path: Path, small_npz: Path, mnist: Bundle) -> None:
     dst = tmp_path / "b"
     shutil.copytree(mnist.path, dst, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
@@ -106,20 +111,7 @@ def test_calibrate_scores_changes_the_decision_without_rescoring(
         == 0
     )
     assert list(Mahalanobis.load(dst / "mahalanobis.safetensors")[0].layers) == ["7", "penultimate"]
-    run = [
-        "evaluate",
-        "--model",
-        str(dst),
-        "--data",
-        str(small_npz),
-        "--split",
-        "all",
-        "--attacks",
-        "noise:0.1",
-        "--limit",
-        "2",
-        "--no-cache",
-    ]
+    run = evaluate_args(dst, small_npz, "--attacks", "noise:0.1", "--limit", "2", "--no-cache")
     assert main([*run, "--out", str(tmp_path / "e")]) == 0
     parts = ["--statistic", "combined", "--components", "fisher_input_trace:two-sided,mahalanobis:one-sided"]
     assert main([*args, *parts, "--scores", str(tmp_path / "e" / "scores.npz"), "--out", str(tmp_path / "fast.json")]) == 0
@@ -146,20 +138,7 @@ def test_calibrate_mondrian_from_scores_or_images_and_serve_it(tmp_path: Path, s
     parts = ["--statistic", "combined", "--components", "margin:two-sided,feature_squeezing:one-sided"]
     assert main([*args, *parts]) == 0
     slow = json.loads((dst / "calibration.json").read_text())
-    run = [
-        "evaluate",
-        "--model",
-        str(dst),
-        "--data",
-        str(small_npz),
-        "--split",
-        "all",
-        "--attacks",
-        "noise:0.1",
-        "--limit",
-        "2",
-        "--no-cache",
-    ]
+    run = evaluate_args(dst, small_npz, "--attacks", "noise:0.1", "--limit", "2", "--no-cache")
     assert main([*run, "--out", str(tmp_path / "e")]) == 0
     assert main([*args, *parts, "--scores", str(tmp_path / "e" / "scores.npz"), "--out", str(tmp_path / "fast.json")]) == 0
     fast = json.loads((tmp_path / "fast.json").read_text())
@@ -183,25 +162,7 @@ def test_calibrate_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_evaluate_small(tmp_path: Path, small_npz: Path) -> None:
     out = tmp_path / "report"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                "mnist",
-                "--data",
-                str(small_npz),
-                "--split",
-                "all",
-                "--attacks",
-                "pgd_linf:0.3",
-                "--out",
-                str(out),
-                "--no-cache",
-            ]
-        )
-        == 0
-    )
+    assert main([*evaluate_args("mnist", small_npz, "--attacks", "pgd_linf:0.3", "--no-cache"), "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     a = rep["attacks"]["pgd_linf:0.3"]
     assert a["success_rate"] > 0.9 and a["median_linf"] <= 0.3 + 0.5 / 255 + 1e-6
@@ -258,8 +219,7 @@ def test_evaluate_keeps_attacked_images_and_reruns_only_the_adaptive_attack(tmp_
     """--cache: a second run takes every attack's images from the cache — the same report rows — except the
     adaptive attack's, which depends on the decision and is never kept (docs/detection.md#attack-cache)."""
     cache = tmp_path / "cache"
-    run = ["evaluate", "--model", "mnist", "--data", str(small_npz), "--split", "all", "--limit", "6", "--cache", str(cache)]
-    run += ["--attacks", "fgsm:0.3,noise:0.1,adaptive:0.3"]
+    run = evaluate_args("mnist", small_npz, "--limit", "6", "--cache", str(cache), "--attacks", "fgsm:0.3,noise:0.1,adaptive:0.3")
     reports = []
     for i in range(2):
         assert main([*run, "--out", str(tmp_path / f"r{i}")]) == 0
