@@ -250,5 +250,6 @@ def test_an_attacks_key_names_the_weights_the_spec_the_code_and_the_images(monke
     monkeypatch.setattr(attack_cache, "code_digest", lambda: "edited")
     assert key != attack_cache.attack_key(mnist, fgsm, x, y)
     assert all((Path(attack_cache.__file__).parent / name).is_file() for name in attack_cache.SOURCES)
-    assert attack_cache.path_for(Path("c"), mnist, parse_attack("adaptive:0.3", mnist), x, y) is None
-    assert attack_cache.path_for(None, mnist, fgsm, x, y) is None
+    assert attack_cache.path_for(Path("c"), parse_attack("adaptive:0.3", mnist), key) is None
+    assert attack_cache.path_for(None, fgsm, key) is None
+    assert attack_cache.path_for(Path("c"), fgsm, key) == Path("c") / f"fgsm_0.1-{key}.npz"

@@ -43,11 +43,11 @@ def kept(attack: Attack) -> bool:
     return attack.family != "adaptive"
 
 
-def path_for(cache: Path | None, bundle: Bundle, attack: Attack, x: torch.Tensor, y: torch.Tensor) -> Path | None:
-    """Where the attack's images on (x, y) are kept; None without a cache or for an attack that is never kept."""
+def path_for(cache: Path | None, attack: Attack, key: str) -> Path | None:
+    """Where the attack's images under `key` (attack_key) are kept; None without a cache or for an attack that is never kept."""
     if cache is None or not kept(attack):
         return None
-    return cache / f"{attack.name.replace(':', '_').replace('/', '-')}-{attack_key(bundle, attack, x, y)}.npz"
+    return cache / f"{attack.name.replace(':', '_').replace('/', '-')}-{key}.npz"
 
 
 def load_or_run(path: Path | None, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:

@@ -145,7 +145,7 @@ def evaluate(
     }
     for attack in attack_list:
         t0 = time.time()
-        path = attack_cache.path_for(cache, bundle, attack, x, y)
+        path = attack_cache.path_for(cache, attack, attack_cache.attack_key(bundle, attack, x, y)) if cache else None
         adv, was_kept = attack_cache.load_or_run(path, lambda: run_attack(attack, bundle, x, y, batch_size))  # noqa: B023 (called at once)
         adv_pred = predict(bundle, adv)
         hit = torch.ones_like(y, dtype=torch.bool) if attack.control else adv_pred != y  # controls keep every image

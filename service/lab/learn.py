@@ -123,7 +123,7 @@ def attacked(
     pick = torch.from_numpy(seeded_pick(len(data.y), limit))
     x, y = data.x[pick], data.y[pick]
     key = attack_cache.attack_key(bundle, attack, x, y)
-    adv, _ = attack_cache.load_or_run(attack_cache.path_for(cache, bundle, attack, x, y), lambda: run_attack(attack, bundle, x, y, batch))
+    adv, _ = attack_cache.load_or_run(attack_cache.path_for(cache, attack, key), lambda: run_attack(attack, bundle, x, y, batch))
     keep = torch.ones(len(y), dtype=torch.bool) if attack.control else predict(bundle, adv) != y
     return adv[keep], y[keep], key
 
