@@ -324,3 +324,21 @@ def test_detector_options_parse_and_rank() -> None:
         {"acceptable": True, "control_excess": 0.03, "mean_tpr": 0.80},
     ]
     assert [r["mean_tpr"] for r in sorted(rows, key=do.rank)] == [0.80, 0.70, 0.99, 0.999]
+
+
+def test_collect_keeps_features_only_of_images_the_cache_keeps(tmp_path: Path, mnist: Bundle) -> None:
+    """fit-detector's features are kept under the key of the images they were read from: for the
+    adaptive attack, whose images are made afresh against each decision, nothing is kept (a second
+    detector would otherwise read the first one's adaptive images' features)."""
+    f = np.load(Path(__file__).parent / "fixtures" / "mnist_eval512.npz")
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_test=f["x"], y_test=f["y"])
+    cache = tmp_path / "cache"
+    c = learn.collect(
+        mnist, data, ["pgd_linf:0.3", "adaptive:0.3"], ["noise:0.1"], SPEC, limit=3, validate_limit=3, cache=cache, log=lambda m: None
+    )
+    assert all(len(c.sets[p].adv[a]["margin"]) for p in "ab" for a in ("pgd_linf:0.3", "adaptive:0.3"))  # every attack made images
+    kept = sorted(p.name.split("-")[0] for p in cache.iterdir())
+    assert kept == ["features"] * 6 + ["noise_0.1"] * 2 + ["pgd_linf_0.3"] * 2  # per part: clean, pgd, noise; no adaptive
+    again = learn.collect(mnist, data, ["pgd_linf:0.3"], ["noise:0.1"], SPEC, limit=3, validate_limit=3, cache=cache, log=lambda m: None)
+    np.testing.assert_array_equal(again.sets["b"].adv["pgd_linf:0.3"]["margin"], c.sets["b"].adv["pgd_linf:0.3"]["margin"])

@@ -110,9 +110,9 @@ def cached_features(bundle: Bundle, x: torch.Tensor, spec: FeatureSpec, cache: P
     return table
 
 
-def images_key(bundle: Bundle, data: Dataset, what: str, limit: int | None) -> str:
-    """What identifies a set of images: the weights, the data, the attack (or `clean`) and the subset size."""
-    return hashlib.sha256(f"{bundle.weights_sha256}|{data.description}|{what}|{limit}".encode()).hexdigest()[:16]
+def clean_key(bundle: Bundle, data: Dataset) -> str:
+    """What identifies a part's clean images: the weights and the data (its file's digest and the split)."""
+    return hashlib.sha256(f"{bundle.weights_sha256}|{data.sha256}|{data.description}".encode()).hexdigest()[:16]
 
 
 def attacked(
@@ -305,11 +305,13 @@ def collect(
     sets = {}
     for p, d in parts.items():
         n = limit if p == "a" else validate_limit
-        sets[p] = Sets(cached_features(bundle, d.x, spec, cache, images_key(bundle, d, "clean", None)))
+        sets[p] = Sets(cached_features(bundle, d.x, spec, cache, clean_key(bundle, d)))
         for attack in specs:
             x, y, key = attacked(bundle, d, attack, n, cache)
             empty = {c: np.zeros((0, *v.shape[1:])) for c, v in sets[p].clean.items()}  # no successful image
-            sets[p].adv[attack.name] = cached_features(bundle, x, spec, cache, key) if len(x) else empty
+            # the key names the starting images, not what an attack that is not kept (the adaptive one) made of them
+            feature_cache = cache if attack_cache.kept(attack) else None
+            sets[p].adv[attack.name] = cached_features(bundle, x, spec, feature_cache, key) if len(x) else empty
             if attack.control:
                 sets[p].right[attack.name] = sets[p].adv[attack.name]["predicted"] == y.numpy()
             log(f"part {p.upper()} {attack.name}: {len(x)} images ({time.time() - t0:.0f} s)")
