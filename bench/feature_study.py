@@ -112,6 +112,9 @@ class Bank:
     def of(cls, model: nn.Module, x: Tensor, y: Tensor) -> "Bank":
         h, z = last_layer_input(model, x)
         right = z.argmax(1) == y
+        counts = torch.bincount(y[right], minlength=z.shape[1])
+        if (counts < CLOSEST).any():  # knn_same would average fewer than CLOSEST neighbours, or none
+            raise ValueError(f"the bank needs ≥ {CLOSEST} images read right per class; it has {counts.tolist()}")
         return cls(nn.functional.normalize(h[right], dim=1), y[right])
 
 
