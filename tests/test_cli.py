@@ -232,6 +232,26 @@ def test_evaluate_keeps_attacked_images_and_reruns_only_the_adaptive_attack(tmp_
         assert first == second
 
 
+def test_prepare_runs_the_attacks_a_later_evaluate_takes_from_the_cache(
+    tmp_path: Path, small_npz: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--prepare keeps each attack's images under the key `evaluate` will look for, shows no score, and
+    leaves out the adaptive attack; the evaluate after it runs only that one."""
+    cache = tmp_path / "cache"
+    run = evaluate_args("mnist", small_npz, "--limit", "5", "--cache", str(cache), "--attacks", "fgsm:0.3,jpeg:50,adaptive:0.3")
+    assert main([*run, "--prepare"]) == 0
+    out = capsys.readouterr()
+    assert "0 of 2 attacks were kept already" in out.out and "adaptive:0.3: attacks the decision" in out.err
+    assert "tpr" not in out.out.lower() and "auc" not in out.out.lower() and not (tmp_path / "r").exists()
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["fgsm_0.3", "jpeg_50"]
+    assert main([*run, "--prepare"]) == 0 and "2 of 2 attacks were kept already" in capsys.readouterr().out
+    assert main([*run, "--out", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())["attacks"]
+    assert {name: a["cached"] for name, a in report.items()} == {"fgsm:0.3": True, "jpeg:50": True, "adaptive:0.3": False}
+    with pytest.raises(SystemExit, match="cannot go with --no-cache"):
+        main([*evaluate_args("mnist", small_npz, "--attacks", "fgsm:0.3", "--no-cache"), "--prepare"])
+
+
 def test_an_attacks_key_names_the_weights_the_spec_the_code_and_the_images(monkeypatch: pytest.MonkeyPatch) -> None:
     """service.lab.attack_cache: change any of them and the kept images are not taken."""
     from service.lab import attack_cache

@@ -31,6 +31,11 @@ def add(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
         help="where attacked images are kept between runs (every attack but the adaptive one; docs/detection.md#attack-cache)",
     )
     e.add_argument("--no-cache", dest="cache", action="store_const", const=None, help="run every attack afresh and keep nothing")
+    e.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only run the attacks into the cache, on the images a later run will attack; compute and show no score",
+    )
     common.add_device(e)
     e.set_defaults(func=run)
 
@@ -39,11 +44,18 @@ def run(a: argparse.Namespace) -> int:
     from service.lab import report
     from service.lab.attack_specs import parse_attack
     from service.lab.data import load_dataset
-    from service.lab.evaluate import evaluate, extra_detectors
+    from service.lab.evaluate import evaluate, extra_detectors, prepare
 
     bundle = common.bundle(a)
     path = a.data or common.default_data(bundle.card)
     data = load_dataset(path, a.split, bundle.classes, bundle.input)
+    if a.prepare:
+        if a.cache is None:
+            raise SystemExit("evaluate: --prepare keeps the attacked images in the cache; it cannot go with --no-cache")
+        attacks = [parse_attack(s, bundle) for s in a.attacks.split(",")]
+        found = prepare(bundle, data, attacks, a.limit, a.cache, a.batch_size, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"{sum(found.values())} of {len(found)} attacks were kept already; the rest are now, in {a.cache}")
+        return 0
     extra = extra_detectors(bundle, [b for b in a.baselines.split(",") if b], path, a.train_subset, a.split)
     attacks = [parse_attack(s, bundle) for s in a.attacks.split(",")]
     result = evaluate(bundle, data, attacks, a.limit, batch_size=a.batch_size, progress=sys.stderr.isatty(), extra=extra, cache=a.cache)

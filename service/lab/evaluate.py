@@ -8,8 +8,9 @@ thresholds, the realised clean FPR, and the rate of attacks that succeed unflagg
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,44 @@ def _score(bundle: Bundle, extra: Extra | None, x: torch.Tensor, batch: int, pro
     return values, pred
 
 
+def correct(bundle: Bundle, data: Dataset) -> np.ndarray:
+    """Which of the images (N,) the model reads right: the clean images of a run."""
+    return (predict(bundle, data.x) == data.y).numpy()
+
+
+def attack_inputs(data: Dataset, ok: np.ndarray, limit: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The images the attacks start from: a seeded subset of `limit` of those read right (ok (N,)); their
+    labels; and their positions among those read right."""
+    pick = torch.from_numpy(seeded_pick(int(ok.sum()), limit))
+    return data.x[ok][pick], data.y[ok][pick], pick
+
+
+def prepare(
+    bundle: Bundle,
+    data: Dataset,
+    attack_list: Sequence[Attack],
+    limit: int | None,
+    cache: Path,
+    batch_size: int = 64,
+    log: Callable[[str], None] = print,
+) -> dict[str, bool]:
+    """Runs the attacks into the cache on exactly the images `evaluate` will attack, and reads no score:
+    the evaluation half's slow part done before a decision is fixed, without a detection number seen
+    (docs/detection.md#attack-cache). The adaptive attack is left out (it attacks the decision). ->
+    per attack kept in the cache, whether its images were there already."""
+    x, y, _ = attack_inputs(data, correct(bundle, data), limit)
+    found = {}
+    for attack in attack_list:
+        if not attack_cache.kept(attack):
+            log(f"{attack.name}: attacks the decision, never kept; left out")
+            continue
+        t0 = time.time()
+        path = attack_cache.path_for(cache, attack, attack_cache.attack_key(bundle, attack, x, y))
+        _, found[attack.name] = attack_cache.load_or_run(path, partial(run_attack, attack, bundle, x, y, batch_size))
+        log(f"{attack.name}: {'already kept' if found[attack.name] else 'kept'} ({time.time() - t0:.0f} s)")
+    return found
+
+
 def evaluate(
     bundle: Bundle,
     data: Dataset,
@@ -111,17 +150,15 @@ def evaluate(
     cal = bundle.calibration
     if cal is None:
         raise ValueError(f"bundle {bundle.name} has no calibration.json; run `fisherguard calibrate` first")
-    clean, pred = _score(bundle, extra, data.x, batch_size, progress)
-    ok = pred == data.y.numpy()
-    x, y = data.x[ok], data.y[ok]
+    clean, _ = _score(bundle, extra, data.x, batch_size, progress)
+    ok = correct(bundle, data)
+    x, y, pick = attack_inputs(data, ok, limit)
     clean = {k: v[ok] for k, v in clean.items()}
     cal_values = dict(cal.values)
     if extra is not None and extra.calibration is not None:  # the extra detectors' own clean calibration
         cx, cy = extra.calibration.x, extra.calibration.y
         keep = predict(bundle, cx) == cy
         cal_values |= {k: np.sort(v) for k, v in score_dataset(extra.bundle, cx[keep], extra.names, batch_size)[0].items()}
-    pick = torch.from_numpy(seeded_pick(len(x), limit))
-    x, y = x[pick], y[pick]
     p_clean = cal.decision_p_value(clean, data.y.numpy()[ok])
     p_unchanged = p_clean[pick.numpy()]  # the attacked images themselves, before any change
     per_image: dict[str, np.ndarray] = {f"clean/{k}": v for k, v in clean.items()} | {f"calibration/{k}": v for k, v in cal_values.items()}
