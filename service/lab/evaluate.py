@@ -86,18 +86,18 @@ def _rows(cal: dict[str, np.ndarray], clean: dict[str, np.ndarray], adv: dict[st
     return rows
 
 
-def _score(bundle: Bundle, extra: Extra | None, x: torch.Tensor, batch: int, progress: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The calibrated scores (and the harness's extra ones) of x, and the predictions."""
+def _score(bundle: Bundle, extra: Extra | None, x: torch.Tensor, batch: int, progress: bool) -> dict[str, np.ndarray]:
+    """The calibrated scores (and the harness's extra ones) of x."""
     cal = bundle.calibration
     assert cal is not None
-    values, pred = score_dataset(bundle, x, sorted(cal.values), batch, progress)
+    values = score_dataset(bundle, x, sorted(cal.values), batch, progress)[0]
     if extra is not None:
         values |= score_dataset(extra.bundle, x, extra.names, batch, progress)[0]
-    return values, pred
+    return values
 
 
-def correct(bundle: Bundle, data: Dataset) -> np.ndarray:
-    """Which of the images (N,) the model reads right: the clean images of a run."""
+def read_right(bundle: Bundle, data: Dataset) -> np.ndarray:
+    """Which of the images (N,) the model reads right: a run's clean images."""
     return (predict(bundle, data.x) == data.y).numpy()
 
 
@@ -121,7 +121,7 @@ def prepare(
     the evaluation half's slow part done before a decision is fixed, without a detection number seen
     (docs/detection.md#attack-cache). The adaptive attack is left out (it attacks the decision). ->
     per attack kept in the cache, whether its images were there already."""
-    x, y, _ = attack_inputs(data, correct(bundle, data), limit)
+    x, y, _ = attack_inputs(data, read_right(bundle, data), limit)
     found = {}
     for attack in attack_list:
         if not attack_cache.kept(attack):
@@ -150,8 +150,8 @@ def evaluate(
     cal = bundle.calibration
     if cal is None:
         raise ValueError(f"bundle {bundle.name} has no calibration.json; run `fisherguard calibrate` first")
-    clean, _ = _score(bundle, extra, data.x, batch_size, progress)
-    ok = correct(bundle, data)
+    clean = _score(bundle, extra, data.x, batch_size, progress)
+    ok = read_right(bundle, data)
     x, y, pick = attack_inputs(data, ok, limit)
     clean = {k: v[ok] for k, v in clean.items()}
     cal_values = dict(cal.values)
@@ -187,7 +187,7 @@ def evaluate(
         adv_pred = predict(bundle, adv)
         hit = torch.ones_like(y, dtype=torch.bool) if attack.control else adv_pred != y  # controls keep every image
         delta = (adv - x)[hit].flatten(1)
-        adv_scores, _ = _score(bundle, extra, adv[hit], batch_size, progress)
+        adv_scores = _score(bundle, extra, adv[hit], batch_size, progress)
         per_image |= {f"{attack.name}/{k}": v for k, v in adv_scores.items()}
         p_adv = cal.decision_p_value(adv_scores, adv_pred[hit].numpy())
         misread = (adv_pred != y).numpy()

@@ -29,7 +29,7 @@ from service.core.scoring import predict
 from service.lab import attack_cache
 from service.lab.attack_specs import Attack, parse_attack
 from service.lab.data import Dataset, load_dataset, seeded_pick
-from service.lab.evaluate import ALPHAS, run_attack
+from service.lab.evaluate import ALPHAS, read_right, run_attack
 from service.lab.stats import roc_auc
 
 Table = dict[str, np.ndarray]  # column -> (N,), plus "shift" (N, K) and "predicted" (N,)
@@ -85,7 +85,8 @@ def still_right(sets: Sets, control: str) -> Table:
 
 
 def correct(bundle: Bundle, data: Dataset) -> Dataset:
-    keep = predict(bundle, data.x) == data.y
+    """The images the model reads right."""
+    keep = read_right(bundle, data)
     return Dataset(data.x[keep], data.y[keep], data.description + ", correctly classified", data.sha256)
 
 
