@@ -25,7 +25,7 @@ import torch
 
 from bench.common import environment, write
 from service.cli.common import default_data
-from service.core.bundle import load_bundle
+from service.core.bundle import Bundle, load_bundle
 from service.core.features import FeatureSpec
 from service.lab import learn
 from service.lab.evaluate import ALPHAS
@@ -121,8 +121,9 @@ def markdown(rows: list[dict[str, Any]], controls: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+def add_study_arguments(ap: argparse.ArgumentParser) -> None:
+    """What every part-B study of the detector takes: the bundle, fit-detector's feature options, attacks
+    and controls, the two parts' limits, the cache, the threads and the output folder."""
     ap.add_argument("--model", required=True)
     ap.add_argument("--sigma", type=float, required=True)
     ap.add_argument("--draws", type=int, default=2)
@@ -131,17 +132,28 @@ def main() -> None:
     ap.add_argument("--controls", required=True)
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--validate-limit", type=int, default=200)
-    ap.add_argument("--grid", default=";".join(GRID), help="configurations separated by ';' (default: GRID)")
     ap.add_argument("--cache", type=Path, default=Path(".cache/attacks"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
+
+
+def collected(a: argparse.Namespace) -> tuple[Bundle, FeatureSpec, learn.Collected]:
+    """The bundle, the feature options and fit-detector's feature tables (learn.collect) that add_study_arguments names."""
     torch.set_num_threads(a.threads)
     bundle = load_bundle(a.model)
     spec = FeatureSpec(a.sigma, a.draws, tuple(a.squeezers.split(",")))
     c = learn.collect(
         bundle, default_data(bundle.card), a.attacks.split(","), a.controls.split(","), spec, a.limit, a.validate_limit, a.cache, log=print
     )
+    return bundle, spec, c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    add_study_arguments(ap)
+    ap.add_argument("--grid", default=";".join(GRID), help="configurations separated by ';' (default: GRID)")
+    a = ap.parse_args()
+    _, spec, c = collected(a)
     rows = sorted((row(c, text, options(text, spec)) for text in a.grid.split(";")), key=rank)
     a.out.mkdir(parents=True, exist_ok=True)
     write(a.out / "options.json", {"environment": environment("cpu"), "model": a.model, "controls": c.controls, "rows": rows})

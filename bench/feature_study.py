@@ -45,11 +45,10 @@ import torch
 from torch import Tensor, nn
 
 from bench.common import environment, write
-from bench.detector_options import markdown, options, row
+from bench.detector_options import add_study_arguments, collected, markdown, options, row
 from service.cli.common import default_data
 from service.core import features
-from service.core.bundle import Bundle, load_bundle
-from service.core.features import FeatureSpec
+from service.core.bundle import Bundle
 from service.lab import learn
 from service.lab.attack_specs import parse_attack
 from service.lab.data import load_train_subset
@@ -169,31 +168,17 @@ def with_extra(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--extra", required=True, choices=sorted(EXTRAS))
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--sigma", type=float, required=True)
-    ap.add_argument("--draws", type=int, default=2)
-    ap.add_argument("--squeezers", required=True)
-    ap.add_argument("--attacks", required=True)
-    ap.add_argument("--controls", required=True)
     ap.add_argument("--options", required=True, help="one bench.detector_options configuration, e.g. 'mlp cw=10 margin=4 ...'")
-    ap.add_argument("--limit", type=int, default=200)
-    ap.add_argument("--validate-limit", type=int, default=200)
-    ap.add_argument("--cache", type=Path, default=Path(".cache/attacks"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, required=True)
+    add_study_arguments(ap)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    bundle = load_bundle(a.model)
-    spec = FeatureSpec(a.sigma, a.draws, tuple(a.squeezers.split(",")))
-    attacks, controls = a.attacks.split(","), a.controls.split(",")
-    data = default_data(bundle.card)
-    c = learn.collect(bundle, data, attacks, controls, spec, a.limit, a.validate_limit, a.cache, log=print)
+    bundle, spec, c = collected(a)
+    attacks, controls = c.attacks, c.controls
     opts = options(a.options, spec)
     rows = [row(c, a.options, opts)]
     if a.extra == "probe":
         columns: Callable[[Tensor], dict[str, np.ndarray]] = partial(probe, bundle.model)
     else:
-        columns = partial(knn, bundle.model, bank=Bank.of(bundle.model, *load_train_subset(data, BANK)))
+        columns = partial(knn, bundle.model, bank=Bank.of(bundle.model, *load_train_subset(default_data(bundle.card), BANK)))
     # the extra columns are a study's, not the product's: a group of their own, for this process only
     features.GROUPS[a.extra] = EXTRAS[a.extra]
     extended = with_extra(bundle, c, columns, [*attacks, *controls], {"a": a.limit, "b": a.validate_limit}, a.cache)
