@@ -99,24 +99,37 @@ def rank(r: dict[str, Any]) -> tuple[bool, float, float]:
     return (not r["acceptable"], 0.0 if r["acceptable"] else round(r["control_excess"], 3), -r["mean_tpr"])
 
 
+def over_line(r: dict[str, Any], alpha: float) -> int:
+    """How many controls a configuration flags above the goal's line α + 0.015, among their images still read right."""
+    return sum(v[f"tpr@{alpha}"] > alpha + GOAL_SLACK + 1e-9 for v in r["still_right"].values())
+
+
 def markdown(rows: list[dict[str, Any]], controls: list[str]) -> str:
+    attacks = [s for s in rows[0]["rows"] if s not in controls] if rows else []
     lines = [
         "# Detector options on the calibration half (trained on part A, measured on part B)",
         "",
         "Best first by the rule in bench/detector_options.py. TPR: mean over the training attacks; left out: mean TPR @ 0.05 "
         "of each family's attacks with the family left out of training; controls: the highest flag rate of any control "
-        "among its changed images the classifier still reads right (per control: that rate; all its images after the semicolon).",
+        "among its changed images the classifier still reads right (per control: that rate; all its images after the semicolon); "
+        "over the line: how many controls are flagged above α + 0.015 among those images.",
         "",
         "| options | features | acceptable | mean TPR @ 0.05 / 0.01 | left out @ 0.05 | worst control @ 0.05 / 0.01 | "
-        + " | ".join(controls)
-        + " |",
-        "|" + "---|" * (6 + len(controls)),
+        "over the line @ 0.05 / 0.01 | " + " | ".join(controls) + " |",
+        "|" + "---|" * (7 + len(controls)),
     ]
     for r in rows:
         cells = " | ".join(f"{r['still_right'][s]['tpr@0.05']:.3f}; {r['rows'][s]['tpr@0.05']:.3f}" for s in controls)
         lines.append(
             f"| {r['options']} | {r['features']} | {'yes' if r['acceptable'] else 'no'} | {r['mean_tpr@0.05']:.3f} / {r['mean_tpr@0.01']:.3f} "
-            f"| {r['left_out_tpr@0.05']:.3f} | {r['worst_control@0.05']:.3f} / {r['worst_control@0.01']:.3f} | {cells} |"
+            f"| {r['left_out_tpr@0.05']:.3f} | {r['worst_control@0.05']:.3f} / {r['worst_control@0.01']:.3f} "
+            f"| {over_line(r, 0.05)} / {over_line(r, 0.01)} | {cells} |"
+        )
+    lines += ["", "Each training attack, TPR @ 0.05 / 0.01 on part B:", "", "| options | " + " | ".join(attacks) + " |"]
+    lines.append("|" + "---|" * (1 + len(attacks)))
+    for r in rows:
+        lines.append(
+            f"| {r['options']} | " + " | ".join(f"{r['rows'][s]['tpr@0.05']:.2f} / {r['rows'][s]['tpr@0.01']:.2f}" for s in attacks) + " |"
         )
     return "\n".join(lines) + "\n"
 

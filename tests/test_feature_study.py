@@ -1,12 +1,13 @@
 """bench/feature_study.py's extra columns and bench/attack_origins.py's quartiles, against slow, obvious
-float64 references on the MNIST bundle's classifier."""
+float64 references on the MNIST bundle's classifier; bench/column_auc.py's table on made-up tables."""
 
 import numpy as np
 import pytest
 import torch
 
-from bench import attack_origins, feature_study
+from bench import attack_origins, column_auc, feature_study
 from service.core.bundle import Bundle
+from service.lab import learn
 
 
 def test_probe_steps_towards_the_runner_up_and_measures_what_the_step_did(mnist: Bundle, digits) -> None:  # type: ignore[no-untyped-def]
@@ -66,3 +67,21 @@ def test_a_bank_image_is_its_own_nearest_neighbour(mnist: Bundle, digits512) -> 
 def test_quartiles_split_at_the_edges() -> None:
     edges = np.array([1.0, 2.0, 3.0])
     assert attack_origins.quartile(np.array([0.5, 1.0, 1.5, 2.5, 3.0, 9.0]), edges).tolist() == [0, 1, 1, 2, 3, 3]
+
+
+def test_column_auc_reads_a_control_among_its_images_still_read_right() -> None:
+    """An attack that moves a column gives AUC 1; a control is measured on its still-right rows only (here
+    the unmoved half: 0.25 against clean 0–9), and a column nothing moves gives 0.5."""
+
+    def table(margin: np.ndarray) -> dict[str, np.ndarray]:
+        return {"margin": margin, "entropy": np.ones(len(margin)), "shift": np.zeros((len(margin), 3)), "predicted": np.zeros(len(margin))}
+
+    b = learn.Sets(
+        table(np.arange(10.0)), {"pgd": table(np.arange(10.0) + 100), "noise": table(np.r_[np.arange(5.0) + 100, np.arange(5.0)])}
+    )
+    b.right["noise"] = np.r_[np.zeros(5, bool), np.ones(5, bool)]
+    c = learn.Collected({"a": b, "b": b}, ["pgd"], ["noise"], {"pgd": "pgd", "noise": "noise"}, (np.zeros(1), np.zeros(1)), [], {})
+    got = column_auc.aucs(c)
+    assert got["margin"] == {"pgd": 1.0, "noise": 0.25}
+    assert got["entropy"] == {"pgd": 0.5, "noise": 0.5}
+    assert "shift" not in got and "| margin | 1.00 | 0.25 |" in column_auc.markdown(got, ["pgd", "noise"])

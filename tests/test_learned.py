@@ -324,6 +324,9 @@ def test_detector_options_parse_and_rank() -> None:
         {"acceptable": True, "control_excess": 0.03, "mean_tpr": 0.80},
     ]
     assert [r["mean_tpr"] for r in sorted(rows, key=do.rank)] == [0.80, 0.70, 0.99, 0.999]
+    # the goal's line α + 0.015, a rate exactly on it (5 of 200 at α = 0.01) not over it
+    flags = {"still_right": {"noise": {"tpr@0.05": 0.066, "tpr@0.01": 0.025}, "jpeg": {"tpr@0.05": 0.065, "tpr@0.01": 0.03}}}
+    assert (do.over_line(flags, 0.05), do.over_line(flags, 0.01)) == (1, 1)
 
 
 def test_collect_keeps_features_only_of_images_the_cache_keeps(tmp_path: Path, mnist: Bundle) -> None:
