@@ -13,7 +13,6 @@ detector's rate there against the other quartiles says whether those are what it
 """
 
 import argparse
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,10 @@ from service.cli.common import default_data
 from service.core.bundle import load_bundle
 from service.core.calibration import conformal_p_value
 from service.core.scoring import predict
-from service.lab import attack_cache, learn
+from service.lab import learn
 from service.lab.attack_specs import parse_attack
 from service.lab.data import load_dataset, seeded_pick
-from service.lab.evaluate import ALPHAS, run_attack
+from service.lab.evaluate import ALPHAS, cached_attack
 
 
 def quartile(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -60,8 +59,7 @@ def main() -> None:
     rows: dict[str, Any] = {}
     for spec in a.attacks.split(","):
         attack = parse_attack(spec, bundle)
-        key = attack_cache.attack_key(bundle, attack, x, y)
-        adv, _ = attack_cache.load_or_run(attack_cache.path_for(a.cache, attack, key), partial(run_attack, attack, bundle, x, y, 100))
+        adv, _, key = cached_attack(bundle, attack, x, y, a.cache, 100)
         ok = (predict(bundle, adv) != y).numpy()
         table = learn.cached_features(bundle, adv[ok], detector.spec, a.cache, key)  # fit-detector's key for these images
         p = conformal_p_value(reference, detector.logit(learn.raw(table)).numpy(), "high")

@@ -20,7 +20,7 @@ decision misses must not hide the others — then the one whose worst control is
 
 import argparse
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +135,9 @@ def false_alarms(control: Mapping[str, float], alpha: float) -> float:
     return control.get(f"still_right@{alpha}", control[f"tpr@{alpha}"])
 
 
-def controls_over(controls: list[dict[str, float]]) -> int:
+def controls_over(controls: list[dict[str, float]], alphas: Sequence[float] = ALPHAS) -> int:
     """How many (control, α) pairs are flagged above α + CONTROL_SLACK, with excess_over_alpha's rounding."""
-    return sum(excess_over_alpha({alpha: false_alarms(c, alpha)}) > CONTROL_SLACK for c in controls for alpha in ALPHAS)
+    return sum(excess_over_alpha({alpha: false_alarms(c, alpha)}) > CONTROL_SLACK for c in controls for alpha in alphas)
 
 
 def rank(row: dict[str, Any]) -> tuple[int, float, float, float]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import decision
 from bench.common import environment, write
 from service.cli.common import default_data
 from service.core.bundle import Bundle, load_bundle
@@ -30,7 +31,7 @@ from service.core.features import FeatureSpec
 from service.lab import learn
 from service.lab.evaluate import ALPHAS
 
-GOAL_SLACK = 0.015  # the detection goal: each control flagged at most α + this
+GOAL_SLACK = decision.CONTROL_SLACK  # the detection goal: each control flagged at most α + this
 
 GRID = (  # kind, then control weight, margin, nuisance ("all": one direction per control; or families), columns left out
     "linear cw=3 nuisance=all",  # the recipe of the first shipped detectors
@@ -101,7 +102,7 @@ def rank(r: dict[str, Any]) -> tuple[bool, float, float]:
 
 def over_line(r: dict[str, Any], alpha: float) -> int:
     """How many controls a configuration flags above the goal's line α + 0.015, among their images still read right."""
-    return sum(v[f"tpr@{alpha}"] > alpha + GOAL_SLACK + 1e-9 for v in r["still_right"].values())
+    return decision.controls_over(list(r["still_right"].values()), (alpha,))
 
 
 def markdown(rows: list[dict[str, Any]], controls: list[str]) -> str:

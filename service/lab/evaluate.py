@@ -68,6 +68,17 @@ def run_attack(attack: Attack, bundle: Bundle, x: torch.Tensor, y: torch.Tensor,
     return attacks.quantise(cat_batches(lambda xb, yb: attack.run(model, xb, yb), x, y, batch=batch, device=device_of(model)))
 
 
+def cached_attack(
+    bundle: Bundle, attack: Attack, x: torch.Tensor, y: torch.Tensor, cache: Path | None, batch: int
+) -> tuple[torch.Tensor, bool, str]:
+    """The attack's images on (x, y): from the cache when they are kept there, else run (and kept when
+    the attack is one the cache keeps); whether they were kept already; and the key they are kept under
+    (service.lab.attack_cache)."""
+    key = attack_cache.attack_key(bundle, attack, x, y)
+    adv, was_kept = attack_cache.load_or_run(attack_cache.path_for(cache, attack, key), partial(run_attack, attack, bundle, x, y, batch))
+    return adv, was_kept, key
+
+
 def _rows(cal: dict[str, np.ndarray], clean: dict[str, np.ndarray], adv: dict[str, np.ndarray], alphas: Sequence[float]) -> dict[str, Any]:
     """Per score: AUC with a bootstrap interval, and TPR / realised FPR at conformal thresholds."""
     rows = {}
@@ -128,8 +139,7 @@ def prepare(
             log(f"{attack.name}: attacks the decision, never kept; left out")
             continue
         t0 = time.time()
-        path = attack_cache.path_for(cache, attack, attack_cache.attack_key(bundle, attack, x, y))
-        _, found[attack.name] = attack_cache.load_or_run(path, partial(run_attack, attack, bundle, x, y, batch_size))
+        _, found[attack.name], _ = cached_attack(bundle, attack, x, y, cache, batch_size)
         log(f"{attack.name}: {'already kept' if found[attack.name] else 'kept'} ({time.time() - t0:.0f} s)")
     return found
 
@@ -150,10 +160,9 @@ def evaluate(
     cal = bundle.calibration
     if cal is None:
         raise ValueError(f"bundle {bundle.name} has no calibration.json; run `fisherguard calibrate` first")
-    clean = _score(bundle, extra, data.x, batch_size, progress)
     ok = read_right(bundle, data)
+    clean = _score(bundle, extra, data.x[ok], batch_size, progress)  # the images read right: a run's clean images
     x, y, pick = attack_inputs(data, ok, limit)
-    clean = {k: v[ok] for k, v in clean.items()}
     cal_values = dict(cal.values)
     if extra is not None and extra.calibration is not None:  # the extra detectors' own clean calibration
         cx, cy = extra.calibration.x, extra.calibration.y
@@ -182,8 +191,7 @@ def evaluate(
     }
     for attack in attack_list:
         t0 = time.time()
-        path = attack_cache.path_for(cache, attack, attack_cache.attack_key(bundle, attack, x, y)) if cache else None
-        adv, was_kept = attack_cache.load_or_run(path, lambda: run_attack(attack, bundle, x, y, batch_size))  # noqa: B023 (called at once)
+        adv, was_kept, _ = cached_attack(bundle, attack, x, y, cache, batch_size)
         adv_pred = predict(bundle, adv)
         hit = torch.ones_like(y, dtype=torch.bool) if attack.control else adv_pred != y  # controls keep every image
         delta = (adv - x)[hit].flatten(1)

@@ -29,7 +29,7 @@ from service.core.scoring import predict
 from service.lab import attack_cache
 from service.lab.attack_specs import Attack, parse_attack
 from service.lab.data import Dataset, load_dataset, seeded_pick
-from service.lab.evaluate import ALPHAS, read_right, run_attack
+from service.lab.evaluate import ALPHAS, cached_attack, read_right
 from service.lab.stats import roc_auc
 
 Table = dict[str, np.ndarray]  # column -> (N,), plus "shift" (N, K) and "predicted" (N,)
@@ -123,8 +123,7 @@ def attacked(
     keeps every image); and the key its images are kept under (service.lab.attack_cache)."""
     pick = torch.from_numpy(seeded_pick(len(data.y), limit))
     x, y = data.x[pick], data.y[pick]
-    key = attack_cache.attack_key(bundle, attack, x, y)
-    adv, _ = attack_cache.load_or_run(attack_cache.path_for(cache, attack, key), lambda: run_attack(attack, bundle, x, y, batch))
+    adv, _, key = cached_attack(bundle, attack, x, y, cache, batch)
     keep = torch.ones(len(y), dtype=torch.bool) if attack.control else predict(bundle, adv) != y
     return adv[keep], y[keep], key
 
